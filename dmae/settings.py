@@ -1,0 +1,258 @@
+"""Validated settings: one pydantic model per params.yaml section.
+
+Everything that changes a result is a tracked param read from params.yaml (unknown keys rejected, ranges
+checked). Machine-local knobs that do not change results (device, data-loader workers, progress bars) come from
+the environment through `Runtime`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from dmae.errors import UserError
+from dmae.presets import PRESETS
+
+PosInt = Annotated[int, Field(ge=1)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+Precision = Literal["fp32", "bf16"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSettings(Section):
+    dataset: Literal["digits", "cifar10", "imagenet"] = "digits"
+    root: str = "data/raw"
+    download: bool = False
+    image_size: PosInt = 16
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    test_every: PosInt = 1
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataSettings":
+        if self.dataset == "cifar10" and self.image_size != 32:
+            raise ValueError(f"image_size {self.image_size}: cifar10 images are 32x32 (set model.img_size to "
+                             f"upsample them inside the model)")
+        return self
+
+
+class ModelSettings(Section):
+    preset: str = "tiny"
+    img_size: PosInt = 16
+    patch_size: PosInt = 4
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSettings":
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset: unknown preset {self.preset!r}; known presets: {', '.join(PRESETS)}")
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        return self
+
+
+class NoiseSettings(Section):
+    """Per-image noise level of pretraining: fixed, Uniform(low, high) or Gamma(shape, scale).
+
+    Values are in [0,1] pixel units, or in 0-255 units when `per255` is true (as the NIM paper states them).
+    """
+
+    dist: Literal["none", "fixed", "uniform", "gamma"] = "fixed"
+    sigma: NonNegFloat = 0.25
+    low: NonNegFloat = 0.0
+    high: NonNegFloat = 0.0
+    shape: PosFloat = 25.0
+    scale: PosFloat = 3.0
+    per255: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "NoiseSettings":
+        if self.dist == "uniform" and not self.high > self.low:
+            raise ValueError(f"uniform noise needs high > low (got low={self.low}, high={self.high})")
+        return self
+
+
+class PretrainSettings(Section):
+    task: Literal["dmae", "nim", "mae"] = "dmae"
+    mask_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.75
+    noise: NoiseSettings = NoiseSettings()
+    norm_pix_loss: bool = True
+    epochs: PosInt = 40
+    batch_size: PosInt = 128
+    accum_steps: PosInt = 1
+    base_lr: PosFloat = 1.5e-4
+    weight_decay: NonNegFloat = 0.05
+    warmup_epochs: NonNegFloat = 4
+    min_lr: NonNegFloat = 0.0
+    augment: Literal["none", "flip", "rrc_flip"] = "none"
+    precision: Precision = "fp32"
+    init_from: str | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "PretrainSettings":
+        if self.task == "mae" and self.noise.dist != "none":
+            raise ValueError("task 'mae' is masking only: set noise.dist to 'none'")
+        if self.task == "mae" and self.mask_ratio == 0:
+            raise ValueError("task 'mae' needs mask_ratio > 0")
+        if self.task == "nim" and self.mask_ratio != 0:
+            raise ValueError("task 'nim' is noise only: set mask_ratio to 0")
+        if self.task in ("dmae", "nim") and self.noise.dist == "none":
+            raise ValueError(f"task {self.task!r} needs noise: set noise.dist to fixed, uniform or gamma")
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
+        return self
+
+
+class ConsistencySettings(Section):
+    """Consistency regularization (Jeong & Shin 2020): m noisy copies, KL weight lam, entropy weight eta."""
+
+    enabled: bool = True
+    m: Annotated[int, Field(ge=2)] = 2
+    lam: NonNegFloat = 2.0
+    eta: dict[float, NonNegFloat] = {0.25: 0.5, 0.5: 0.5, 1.0: 0.1}
+
+
+class FinetuneSettings(Section):
+    mode: Literal["full", "linear_probe"] = "full"
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    epochs: PosInt = 30
+    batch_size: PosInt = 128
+    base_lr: PosFloat = 5e-4
+    layer_decay: Annotated[float, Field(gt=0, le=1)] = 0.65
+    weight_decay: NonNegFloat = 0.05
+    drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    mixup: NonNegFloat = 0.0
+    cutmix: NonNegFloat = 0.0
+    warmup_epochs: NonNegFloat = 3
+    min_lr: NonNegFloat = 1e-6
+    augment: Literal["none", "flip", "rrc_flip"] = "none"
+    consistency: ConsistencySettings = ConsistencySettings()
+    precision: Precision = "fp32"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "FinetuneSettings":
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
+        if self.mode == "linear_probe" and self.init == "scratch":
+            raise ValueError("a linear probe needs a pretrained encoder: set init to 'pretrained'")
+        return self
+
+
+class CertifySettings(Section):
+    n0: PosInt = 100
+    n: PosInt = 1000
+    alpha: Annotated[float, Field(gt=0, lt=1)] = 0.001
+    batch_size: PosInt = 1000
+    precision: Precision = "fp32"
+    seed: int = 0
+
+
+class ReportSettings(Section):
+    radii: list[NonNegFloat] = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+class Params(BaseSettings):
+    """All of params.yaml. Built only from the file: environment variables never change a result."""
+
+    model_config = SettingsConfigDict(extra="forbid", frozen=True)
+
+    sigmas: list[PosFloat] = [0.25, 0.5, 1.0]
+    data: DataSettings = DataSettings()
+    model: ModelSettings = ModelSettings()
+    pretrain: PretrainSettings = PretrainSettings()
+    finetune: FinetuneSettings = FinetuneSettings()
+    certify: CertifySettings = CertifySettings()
+    report: ReportSettings = ReportSettings()
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings: PydanticBaseSettingsSource,
+                                   env_settings, dotenv_settings, file_secret_settings):
+        return (init_settings,)  # params.yaml only: no environment, .env or secrets source
+
+    @model_validator(mode="after")
+    def _check(self) -> "Params":
+        if len(set(self.sigmas)) != len(self.sigmas):
+            raise ValueError(f"sigmas has duplicates: {self.sigmas}")
+        c = self.finetune.consistency
+        missing = [s for s in self.sigmas if s not in c.eta]
+        if c.enabled and missing:
+            raise ValueError(f"finetune.consistency.eta has no value for sigma {missing} (sigmas: {self.sigmas})")
+        if self.data.image_size > self.model.img_size:
+            raise ValueError(f"data.image_size {self.data.image_size} exceeds model.img_size "
+                             f"{self.model.img_size}: images are only ever upsampled to the model input")
+        return self
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in error["loc"])
+    msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    if "input" in error and not isinstance(error["input"], dict):
+        return f"{key} = {error['input']!r}: {msg}" if key else msg
+    return f"{key}: {msg}" if key else msg
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; any problem is a UserError naming the file, key and value."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: params file not found (run from the project root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level")
+    return parse_params(raw, source=str(path))
+
+
+def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
+    try:
+        return Params(**raw)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise UserError(f"{source}: invalid settings:\n  " + "\n  ".join(lines)) from None
+
+
+class Runtime(BaseSettings):
+    """Machine-local knobs from DMAE_* environment variables; none of them changes a result."""
+
+    model_config = SettingsConfigDict(env_prefix="DMAE_", extra="ignore")
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    workers: Annotated[int, Field(ge=0)] = 0
+    progress: bool = True
+    threads: Annotated[int, Field(ge=0)] = 0  # 0: torch's default
+
+    def torch_device(self):
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"DMAE_DEVICE={self.device}: CUDA is not available on this machine")
+        return device
+
+
+def load_runtime() -> Runtime:
+    try:
+        return Runtime()
+    except ValidationError as exc:
+        lines = [_describe({**e, "loc": ("DMAE_" + str(e["loc"][0]).upper(),)}) for e in exc.errors()]
+        raise UserError("invalid environment:\n  " + "\n  ".join(lines)) from None

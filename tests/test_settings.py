@@ -1,0 +1,73 @@
+"""Settings validation: every bad value fails before any work, with a message naming the key and value."""
+
+import pytest
+
+from dmae.errors import UserError
+from dmae.settings import Params, load_params, load_runtime, parse_params
+from tests.conftest import REPO
+
+BAD = [
+    ({"pretrain": {"noise": {"sigma": -0.1}}}, "pretrain.noise.sigma = -0.1"),
+    ({"pretrain": {"mask_ratio": 1.0}}, "pretrain.mask_ratio = 1.0"),
+    ({"pretrain": {"mask_ratio": -0.5}}, "pretrain.mask_ratio = -0.5"),
+    ({"pretrain": {"epochs": 0}}, "pretrain.epochs = 0"),
+    ({"pretrain": {"batch_size": -8}}, "pretrain.batch_size = -8"),
+    ({"pretrain": {"learning_rate": 1}}, "pretrain.learning_rate: unknown key"),
+    ({"colour": "blue"}, "colour: unknown key"),
+    ({"model": {"img_size": 30, "patch_size": 4}}, "img_size 30 is not divisible by patch_size 4"),
+    ({"model": {"preset": "huge"}}, "unknown preset 'huge'"),
+    ({"data": {"dataset": "mnist"}}, "data.dataset = 'mnist'"),
+    ({"data": {"dataset": "cifar10", "image_size": 16}}, "cifar10 images are 32x32"),
+    ({"pretrain": {"task": "mae"}}, "task 'mae' is masking only"),
+    ({"pretrain": {"task": "nim"}}, "task 'nim' is noise only"),
+    ({"pretrain": {"noise": {"dist": "uniform", "low": 0.5, "high": 0.1}}}, "uniform noise needs high > low"),
+    ({"pretrain": {"precision": "fp16"}}, "pretrain.precision = 'fp16'"),
+    ({"pretrain": {"batch_size": 100, "accum_steps": 3}}, "not divisible by accum_steps"),
+    ({"sigmas": [0.25, -1.0]}, "sigmas.1 = -1.0"),
+    ({"sigmas": [0.25, 0.25]}, "sigmas has duplicates"),
+    ({"sigmas": [0.25, 0.3]}, "eta has no value for sigma [0.3]"),
+    ({"certify": {"alpha": 1.5}}, "certify.alpha = 1.5"),
+    ({"certify": {"alpha": 0}}, "certify.alpha = 0"),
+    ({"certify": {"n0": 0}}, "certify.n0 = 0"),
+    ({"certify": {"n": "many"}}, "certify.n = 'many'"),
+    ({"finetune": {"mode": "linear_probe", "init": "scratch"}}, "a linear probe needs a pretrained encoder"),
+    ({"data": {"image_size": 32}}, "data.image_size 32 exceeds model.img_size 16"),
+]
+
+
+def test_defaults_and_repo_params_are_valid():
+    assert Params().model.preset == "tiny"
+    params = load_params(REPO / "params.yaml")
+    assert params.pretrain.task == "dmae"
+
+
+@pytest.mark.parametrize("raw, message", BAD, ids=[m for _, m in BAD])
+def test_bad_values_name_key_and_value(raw, message):
+    with pytest.raises(UserError) as err:
+        parse_params(raw, source="params.yaml")
+    assert message in str(err.value)
+    assert str(err.value).startswith("params.yaml: invalid settings")
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(UserError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pretrain: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_environment_never_changes_results(monkeypatch):
+    monkeypatch.setenv("PRETRAIN__EPOCHS", "99")
+    monkeypatch.setenv("SIGMAS", "[9]")
+    params = parse_params({})
+    assert params.pretrain.epochs == Params().pretrain.epochs and params.sigmas == [0.25, 0.5, 1.0]
+
+
+def test_runtime_knobs_from_environment(monkeypatch):
+    monkeypatch.setenv("DMAE_WORKERS", "3")
+    assert load_runtime().workers == 3
+    monkeypatch.setenv("DMAE_WORKERS", "-1")
+    with pytest.raises(UserError, match="DMAE_WORKERS"):
+        load_runtime()

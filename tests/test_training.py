@@ -1,0 +1,132 @@
+"""Training loops: resume equivalence, determinism, schedules, consistency loss and mixup semantics."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Subset
+
+from dmae.classifier import Classifier
+from dmae.datasets import load_split, read_meta
+from dmae.finetune import finetune
+from dmae.losses import consistency_loss
+from dmae.mixup import mix, soft_targets
+from dmae.model import DenoisingMAE, config_for
+from dmae.optim import layer_id, lr_at, param_groups
+from dmae.pretrain import pretrain
+from dmae.settings import FinetuneSettings, ModelSettings, PretrainSettings
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_after(epoch):
+    def hook(row):
+        if row["epoch"] == epoch:
+            raise Interrupt
+    return hook
+
+
+def _autoencoder(digits_dir):
+    torch.manual_seed(0)
+    return DenoisingMAE(config_for(ModelSettings(), read_meta(digits_dir)))
+
+
+def test_pretrain_resume_equals_uninterrupted(digits_dir, tmp_path):
+    train = Subset(load_split(digits_dir, "train"), range(96))
+    cfg = PretrainSettings(epochs=3, batch_size=32, accum_steps=2, warmup_epochs=1)
+    straight = _autoencoder(digits_dir)
+    hist = pretrain(straight, train, cfg, device=torch.device("cpu"), state_path=tmp_path / "a.pt", progress=False)
+
+    resumed = _autoencoder(digits_dir)
+    with pytest.raises(Interrupt):
+        pretrain(resumed, train, cfg, device=torch.device("cpu"), state_path=tmp_path / "b.pt", progress=False,
+                 on_epoch=_interrupt_after(2))
+    fresh = _autoencoder(digits_dir)  # a new process: weights come only from the saved state
+    hist2 = pretrain(fresh, train, cfg, device=torch.device("cpu"), state_path=tmp_path / "b.pt", progress=False)
+    assert hist == hist2
+    for (k, a), b in zip(straight.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_finetune_resume_equals_uninterrupted(digits_dir, tmp_path):
+    meta = read_meta(digits_dir)
+    train = Subset(load_split(digits_dir, "train"), range(64))
+    val = Subset(load_split(digits_dir, "val"), range(32))
+    cfg = FinetuneSettings(epochs=2, batch_size=32, warmup_epochs=0, mixup=0.8, cutmix=1.0)
+
+    def model():
+        torch.manual_seed(0)
+        return Classifier(config_for(ModelSettings(), meta), meta["num_classes"], drop_path=0.1)
+
+    a = model()
+    hist = finetune(a, train, val, 0.5, cfg, device=torch.device("cpu"), state_path=tmp_path / "a.pt",
+                    progress=False)
+    with pytest.raises(Interrupt):
+        finetune(model(), train, val, 0.5, cfg, device=torch.device("cpu"), state_path=tmp_path / "b.pt",
+                 progress=False, on_epoch=_interrupt_after(1))
+    b = model()
+    hist2 = finetune(b, train, val, 0.5, cfg, device=torch.device("cpu"), state_path=tmp_path / "b.pt",
+                     progress=False)
+    assert hist == hist2
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_consistency_loss_hand_computed():
+    logits = torch.tensor([[[2.0, 0.0]], [[0.0, 0.0]]])  # m=2 copies of one example, 2 classes
+    targets = torch.tensor([[1.0, 0.0]])
+    p1 = [math.exp(2) / (math.exp(2) + 1), 1 / (math.exp(2) + 1)]
+    p2 = [0.5, 0.5]
+    avg = [(a + b) / 2 for a, b in zip(p1, p2)]
+    ce = (-math.log(p1[0]) - math.log(p2[0])) / 2
+    kl = sum(sum(a * math.log(a / p[k]) for k, a in enumerate(avg)) for p in (p1, p2)) / 2
+    ent = -sum(a * math.log(a) for a in avg)
+    out = consistency_loss(logits, targets, lam=2.0, eta=0.5)
+    assert out["ce"].item() == pytest.approx(ce, rel=1e-6)
+    assert out["kl"].item() == pytest.approx(kl, rel=1e-6)
+    assert out["entropy"].item() == pytest.approx(ent, rel=1e-6)
+    assert out["loss"].item() == pytest.approx(ce + 2.0 * kl + 0.5 * ent, rel=1e-6)
+
+
+def test_mixup_and_cutmix_mix_every_copy_the_same_way():
+    x = torch.rand(1, 4, 1, 8, 8).expand(3, -1, -1, -1, -1).clone()  # 3 identical copies of 4 images
+    targets = soft_targets(torch.tensor([0, 1, 2, 3]), 4, 0.0)
+    for mixup, cutmix in [(0.8, 0.0), (0.0, 1.0)]:
+        out, t = mix(x, targets, mixup, cutmix, np.random.default_rng(0))
+        assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+        assert torch.allclose(t.sum(1), torch.ones(4))
+        lam = t[0, 0].item()  # image 0 is mixed with image 3 (reversed batch)
+        assert t[0, 3].item() == pytest.approx(1 - lam)
+        if cutmix:  # the target weight is the share of pixels kept
+            kept = (out[0, 0] == x[0, 0]).float().mean().item()
+            assert kept == pytest.approx(lam, abs=1 / 64 + 1e-6)
+
+
+def test_label_smoothing_targets():
+    t = soft_targets(torch.tensor([1]), 4, 0.1)
+    assert torch.allclose(t, torch.tensor([[0.025, 0.925, 0.025, 0.025]]))
+    assert F.cross_entropy(torch.zeros(1, 4), torch.tensor([1]), label_smoothing=0.1).item() == pytest.approx(
+        -(t * torch.log_softmax(torch.zeros(1, 4), -1)).sum().item())
+
+
+def test_schedule_and_layer_decay():
+    assert lr_at(0, 100, 10, 1.0, 0.0) == 0.0
+    assert lr_at(5, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert lr_at(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway down the cosine
+    assert lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+    assert layer_id("vit.pos_embed", 12) == 0 and layer_id("vit.blocks.3.attn.qkv.weight", 12) == 4
+    assert layer_id("vit.head.weight", 12) == 13
+    model = Classifier(config_for(ModelSettings(), {"channels": 1, "mean": [0.3], "std": [0.3]}), 10)
+    groups = param_groups(model, 0.05, layer_decay=0.5, num_layers=6)
+    by_name = {id(p): g for g in groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert by_name[id(params["vit.head.weight"])]["lr_scale"] == 1.0
+    assert by_name[id(params["vit.blocks.5.mlp.fc1.weight"])]["lr_scale"] == 0.5
+    assert by_name[id(params["vit.patch_embed.proj.weight"])]["lr_scale"] == 0.5**7
+    assert by_name[id(params["vit.blocks.0.norm1.weight"])]["weight_decay"] == 0.0  # norms: no decay
+    assert by_name[id(params["vit.cls_token"])]["weight_decay"] == 0.0
+    assert by_name[id(params["vit.blocks.0.attn.qkv.weight"])]["weight_decay"] == 0.05
