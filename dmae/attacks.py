@@ -118,10 +118,11 @@ def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot: int 
     return grad / eot
 
 
-def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
-    """Fast gradient sign method: one step of size eps along the sign of the cross-entropy gradient."""
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, eot: int = 1) -> torch.Tensor:
+    """Fast gradient sign method: one step of size eps along the sign of the cross-entropy gradient (averaged
+    over `eot` passes, for randomized models)."""
     _check_inputs(x, y, eps)
-    return (x + eps * input_gradient(model, x, y).sign()).clamp(0, 1).detach()
+    return (x + eps * input_gradient(model, x, y, eot=eot).sign()).clamp(0, 1).detach()
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, step_size: float,

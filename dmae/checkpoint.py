@@ -7,6 +7,8 @@ Nothing here unpickles arbitrary objects: safetensors holds tensors only and tra
 from __future__ import annotations
 
 import json
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +37,12 @@ def load_config(ckpt_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: checkpoint config not found (run the stage that writes {ckpt_dir} first)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def load_weights(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -83,8 +88,15 @@ def load_state(path: str | Path) -> dict[str, Any] | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a corrupt resume file must not be trusted or silently used
-        raise UserError(f"{path}: resume state is unreadable ({type(exc).__name__}: {exc}); "
-                        f"delete it to start the stage afresh") from None
+        unsafe = re.search(r"GLOBAL (\S+)", str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
+        if unsafe:  # torch's own text suggests weights_only=False: exactly what must not be done here
+            reason = (f"refused: loading it would call or build {unsafe.group(1)}; a pickle like this can run "
+                      f"arbitrary code, so it is never loaded")
+        else:
+            first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+            reason = f"{type(exc).__name__}: {first[:200]}"
+        raise UserError(f"{path}: resume state is unreadable ({reason}); delete it to start the stage afresh") \
+            from None
 
 
 def resume_training(state_path: Path, model: torch.nn.Module, optimizer) -> tuple[int, list[dict]]:
@@ -92,9 +104,14 @@ def resume_training(state_path: Path, model: torch.nn.Module, optimizer) -> tupl
     saved = load_state(state_path)
     if saved is None:
         return 0, []
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    return saved["epoch"], saved["history"]
+    try:  # a state file of other code (a changed model) or edited by hand: refuse it, never a traceback
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        return int(saved["epoch"]), list(saved["history"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise UserError(f"{state_path}: resume state does not fit this run ({detail[:300]}); "
+                        f"delete it to start the stage afresh") from None
 
 
 def checkpoint_training(state_path: Path, model: torch.nn.Module, optimizer, epoch: int,

@@ -66,7 +66,13 @@ def load_classifier(ckpt_dir, expect_classes: int | None = None, expect_cfg: Mod
     config = load_config(ckpt_dir)
     if config.get("kind") != "classifier":
         raise UserError(f"{ckpt_dir}: not a fine-tuned classifier (kind={config.get('kind')!r})")
-    cfg = ModelConfig.from_dict(config)
+    try:
+        cfg = ModelConfig.from_dict(config)
+    except UserError as exc:
+        raise UserError(f"{ckpt_dir}: {exc}") from None
+    missing = sorted({"num_classes", "mode"} - config.keys())
+    if missing:
+        raise UserError(f"{ckpt_dir}: classifier config lacks {missing}")
     if expect_classes is not None and config["num_classes"] != expect_classes:
         raise UserError(f"{ckpt_dir}: classifier has {config['num_classes']} classes, the data set "
                         f"{expect_classes}")

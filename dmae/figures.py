@@ -21,7 +21,8 @@ def save_figure(fig, path_stem: Path) -> list[Path]:
     paths = []
     for ext, meta in (("png", PNG_META), ("svg", SVG_META)):
         path = path_stem.with_suffix(f".{ext}")
-        with atomic_path(path) as tmp:
+        # a fixed salt: SVG element ids are otherwise random, and DVC would see a new output every run
+        with atomic_path(path) as tmp, matplotlib.rc_context({"svg.hashsalt": path_stem.name}):
             fig.savefig(tmp, format=ext, dpi=120, metadata=meta, bbox_inches="tight")
         paths.append(path)
     plt.close(fig)

@@ -21,9 +21,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; outputs are shared like any other file
     try:
         yield tmp_path
+        # mkstemp creates 0600, and writers that recreate the file (safetensors) do too: outputs are shared
+        # like any other file, so set the mode after writing.
+        os.chmod(tmp_path, 0o644)
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, final)

@@ -159,11 +159,14 @@ class DenoisingMAE(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
     @staticmethod
-    def random_masking(x: torch.Tensor, mask_ratio: float):
-        """Keep a random (1 - mask_ratio) share of patches per sample; mask is 1 where a patch is removed."""
+    def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+        """Keep the (1 - mask_ratio) share of patches with the lowest `noise` (uniform [B, L]; drawn here if not
+        given) per sample; mask is 1 where a patch is removed."""
         b, length, d = x.shape
         keep = int(length * (1 - mask_ratio))
-        shuffle = torch.argsort(torch.rand(b, length, device=x.device), dim=1)
+        if noise is None:
+            noise = torch.rand(b, length, device=x.device)
+        shuffle = torch.argsort(noise.to(x.device), dim=1)
         restore = torch.argsort(shuffle, dim=1)
         ids_keep = shuffle[:, :keep]
         x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
@@ -172,11 +175,11 @@ class DenoisingMAE(nn.Module):
         return x_kept, torch.gather(mask, 1, restore), restore
 
     # -- encoder / decoder --------------------------------------------------------------------------------
-    def forward_encoder(self, x: torch.Tensor, mask_ratio: float):
+    def forward_encoder(self, x: torch.Tensor, mask_ratio: float, mask_noise: torch.Tensor | None = None):
         """x: normalized model-size images."""
         x = self.patch_embed(x) + self.pos_embed[:, 1:, :]
         if mask_ratio > 0:
-            x, mask, restore = self.random_masking(x, mask_ratio)
+            x, mask, restore = self.random_masking(x, mask_ratio, mask_noise)
         else:
             mask = torch.zeros(x.shape[0], x.shape[1], device=x.device)
             restore = None
@@ -213,10 +216,11 @@ class DenoisingMAE(nn.Module):
         return per_patch.mean()
 
     def forward(self, clean: torch.Tensor, noisy: torch.Tensor, mask_ratio: float, *,
-                norm_pix_loss: bool = True, masked_only: bool = False):
-        """Pretraining step. clean, noisy: [0,1]-space images (noisy unclamped). Returns (loss, pred, mask)."""
+                norm_pix_loss: bool = True, masked_only: bool = False, mask_noise: torch.Tensor | None = None):
+        """Pretraining step. clean, noisy: [0,1]-space images (noisy unclamped); mask_noise: optional uniform
+        [B, L] deciding which patches are kept. Returns (loss, pred, mask)."""
         clean_n = self.input_adapter(clean)
-        latent, mask, restore = self.forward_encoder(self.input_adapter(noisy), mask_ratio)
+        latent, mask, restore = self.forward_encoder(self.input_adapter(noisy), mask_ratio, mask_noise)
         pred = self.forward_decoder(latent, restore)
         loss = self.forward_loss(clean_n, pred, mask, norm_pix_loss=norm_pix_loss, masked_only=masked_only)
         return loss, pred, mask

@@ -2,34 +2,50 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from dmae.settings import NoiseSettings
 
 
-def sample_sigma(spec: NoiseSettings, n: int, device: torch.device | str = "cpu",
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """One noise level per image, in [0,1] pixel units: [n] float32."""
+def sample_sigma(spec: NoiseSettings, n: int, rng: np.random.Generator) -> torch.Tensor:
+    """One noise level per image, in [0,1] pixel units: [n] float32 on the CPU."""
     unit = 1.0 / 255.0 if spec.per255 else 1.0
     if spec.dist == "none":
-        return torch.zeros(n, device=device)
-    if spec.dist == "fixed":
-        return torch.full((n,), spec.sigma * unit, device=device)
-    if spec.dist == "uniform":
-        u = torch.rand(n, device=device, generator=generator)
-        return (spec.low + (spec.high - spec.low) * u) * unit
-    if spec.dist == "gamma":
-        # torch's gamma sampler takes no generator; draw it on the CPU from the global RNG for reproducibility
-        g = torch._standard_gamma(torch.full((n,), float(spec.shape)))
-        return (g * spec.scale * unit).to(device)
-    raise ValueError(f"unknown noise distribution {spec.dist!r}")
+        sigma = np.zeros(n)
+    elif spec.dist == "fixed":
+        sigma = np.full(n, spec.sigma * unit)
+    elif spec.dist == "uniform":
+        sigma = rng.uniform(spec.low, spec.high, size=n) * unit
+    elif spec.dist == "gamma":
+        sigma = rng.gamma(spec.shape, spec.scale, size=n) * unit
+    else:
+        raise ValueError(f"unknown noise distribution {spec.dist!r}")
+    return torch.from_numpy(sigma).float()
 
 
-def add_noise(x: torch.Tensor, sigma: torch.Tensor | float,
-              generator: torch.Generator | None = None) -> torch.Tensor:
-    """x + sigma * N(0, I) in [0,1] pixel space, NOT clamped. sigma: a float or one value per image."""
+def keyed_normal(keys: list[int], shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
+    """Standard normal noise [len(keys), *shape], sample i drawn from a generator seeded with keys[i].
+
+    Keying each sample's noise by its own seed makes it independent of batch composition and process count.
+    """
+    out = torch.empty((len(keys), *shape), device=device)
+    gen = torch.Generator(device=device)
+    for i, key in enumerate(keys):
+        gen.manual_seed(key)
+        out[i].normal_(generator=gen)
+    return out
+
+
+def add_noise(x: torch.Tensor, sigma: torch.Tensor | float, generator: torch.Generator | None = None,
+              eps: torch.Tensor | None = None) -> torch.Tensor:
+    """x + sigma * eps in [0,1] pixel space, NOT clamped; eps ~ N(0, I) drawn here unless given.
+
+    sigma: a float or one value per image (leading dimension).
+    """
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     if sigma.ndim == 1:
         sigma = sigma.view(-1, *([1] * (x.ndim - 1)))
-    eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+    if eps is None:
+        eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
     return x + sigma * eps

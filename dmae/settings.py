@@ -25,7 +25,7 @@ Precision = Literal["fp32", "bf16"]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # inf/nan: never valid
 
 
 class DataSettings(Section):
@@ -86,7 +86,7 @@ class PretrainSettings(Section):
     mask_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.75
     noise: NoiseSettings = NoiseSettings()
     norm_pix_loss: bool = True
-    epochs: PosInt = 40
+    epochs: Annotated[int, Field(ge=0)] = 40  # 0: use init_from as it is (e.g. a released model)
     batch_size: PosInt = 128
     accum_steps: PosInt = 1
     base_lr: PosFloat = 1.5e-4
@@ -110,7 +110,10 @@ class PretrainSettings(Section):
             raise ValueError(f"task {self.task!r} needs noise: set noise.dist to fixed, uniform or gamma")
         if self.batch_size % self.accum_steps:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
-        if self.warmup_epochs > self.epochs:
+        if self.epochs == 0 and not self.init_from:
+            raise ValueError("epochs 0 skips pretraining, so it needs init_from (a checkpoint folder written by "
+                             "`dmae import-checkpoint`)")
+        if self.epochs and self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
         return self
 
@@ -129,6 +132,7 @@ class FinetuneSettings(Section):
     init: Literal["pretrained", "scratch"] = "pretrained"
     epochs: PosInt = 30
     batch_size: PosInt = 128
+    accum_steps: PosInt = 1
     base_lr: PosFloat = 5e-4
     layer_decay: Annotated[float, Field(gt=0, le=1)] = 0.65
     weight_decay: NonNegFloat = 0.05
@@ -145,6 +149,8 @@ class FinetuneSettings(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "FinetuneSettings":
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
         if self.mode == "linear_probe" and self.init == "scratch":
@@ -162,21 +168,110 @@ class CertifySettings(Section):
 
 
 class ReportSettings(Section):
-    radii: list[NonNegFloat] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    radii: Annotated[list[NonNegFloat], Field(min_length=1)] = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+Name = Annotated[str, Field(pattern=r"^[a-z0-9_]+$")]  # names that become folder names
+MAIN_DENOISER = "dmae"  # the denoiser name of the main `pretrain` output
+
+
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` merged in: nested mappings merged key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in overrides.items():
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = deep_merge(out[key], value) if nested else value
+    return out
+
+
+class DefendedClassifier(Section):
+    """One fine-tuned classifier of the De^3 comparison.
+
+    input: what it is fine-tuned on (clean | noisy | denoised: noised at sigma ~ U(0, train_sigma_max), then
+    denoised); encoder: the pretrained model it starts from; denoiser: the frozen model of the defense (and of
+    input 'denoised'); null evaluates the classifier alone, undefended. Model names: 'dmae' (the `pretrain`
+    output) or a key of defense.denoisers.
+    """
+
+    input: Literal["clean", "noisy", "denoised"] = "denoised"
+    encoder: Name = "nim"
+    denoiser: Name | None = "nim"
+
+    @model_validator(mode="after")
+    def _check(self) -> "DefendedClassifier":
+        if self.input == "denoised" and self.denoiser is None:
+            raise ValueError("input 'denoised' needs a denoiser")
+        return self
+
+
+class DefenseSettings(Section):
+    """NIM / De^3: denoisers pretrained as variants of `pretrain`, and the classifiers fine-tuned for them."""
+
+    denoisers: dict[Name, dict[str, Any]] = {
+        "nim": {"task": "nim", "mask_ratio": 0.0,
+                "noise": {"dist": "gamma", "shape": 25.0, "scale": 3.0, "per255": True}},
+        "mae": {"task": "mae", "noise": {"dist": "none"}},
+    }
+    classifiers: dict[Name, DefendedClassifier] = {
+        "undefended": DefendedClassifier(input="clean", encoder="nim", denoiser=None),
+        "nim": DefendedClassifier(encoder="nim", denoiser="nim"),
+        "mae": DefendedClassifier(encoder="mae", denoiser="mae"),
+        "dmae": DefendedClassifier(encoder="dmae", denoiser="dmae"),
+    }
+    train_sigma_max: Probability = 30 / 255
+    finetune: dict[str, Any] = {"consistency": {"enabled": False}}
+
+
+class PGDSettings(Section):
+    steps: PosInt = 10
+    step_size: Probability = 2 / 255
+    random_start: bool = True
+
+
+class SquareSettings(Section):
+    queries: PosInt = 5000
+    p_init: Annotated[float, Field(gt=0, le=1)] = 0.8
+
+
+class AttackSettings(Section):
+    """l-infinity attacks on every classifier of defense.classifiers, through its defense at each test sigma."""
+
+    examples: PosInt = 100
+    batch_size: PosInt = 100
+    test_sigmas: list[NonNegFloat] = [0.0, 70 / 255, 140 / 255]
+    eps: Probability = 4 / 255
+    pgd: PGDSettings = PGDSettings()
+    eot: PosInt = 8
+    square: SquareSettings = SquareSettings()
+    autoattack: list[Literal["standard", "rand"]] = ["standard", "rand"]
+    figure: Name = "nim"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "AttackSettings":
+        for key in ("test_sigmas", "autoattack"):
+            values = getattr(self, key)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{key} has duplicates: {values}")
+        if not self.test_sigmas:
+            raise ValueError("test_sigmas is empty")
+        return self
 
 
 class Params(BaseSettings):
     """All of params.yaml. Built only from the file: environment variables never change a result."""
 
-    model_config = SettingsConfigDict(extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    sigmas: list[PosFloat] = [0.25, 0.5, 1.0]
+    sigmas: Annotated[list[PosFloat], Field(min_length=1)] = [0.25, 0.5, 1.0]
     data: DataSettings = DataSettings()
     model: ModelSettings = ModelSettings()
     pretrain: PretrainSettings = PretrainSettings()
     finetune: FinetuneSettings = FinetuneSettings()
     certify: CertifySettings = CertifySettings()
     report: ReportSettings = ReportSettings()
+    defense: DefenseSettings = DefenseSettings()
+    attack: AttackSettings = AttackSettings()
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings: PydanticBaseSettingsSource,
@@ -195,6 +290,48 @@ class Params(BaseSettings):
             raise ValueError(f"data.image_size {self.data.image_size} exceeds model.img_size "
                              f"{self.model.img_size}: images are only ever upsampled to the model input")
         return self
+
+    @model_validator(mode="after")
+    def _check_defense(self) -> "Params":
+        d = self.defense
+        if MAIN_DENOISER in d.denoisers:
+            raise ValueError(f"defense.denoisers.{MAIN_DENOISER}: the name is taken by the `pretrain` output")
+        for name in d.denoisers:
+            self.denoiser_settings(name)
+        models = [MAIN_DENOISER, *d.denoisers]
+        for name, spec in d.classifiers.items():
+            for key in ("encoder", "denoiser"):
+                value = getattr(spec, key)
+                if value is not None and value not in models:
+                    raise ValueError(f"defense.classifiers.{name}.{key} = {value!r}: not a pretrained model "
+                                     f"(known: {', '.join(models)})")
+        if self.defense_finetune().consistency.enabled:
+            raise ValueError("defense.finetune.consistency.enabled: De^3 fine-tuning sees one view per image; "
+                             "set it to false")
+        figure = d.classifiers.get(self.attack.figure)
+        if figure is None or figure.denoiser is None:
+            raise ValueError(f"attack.figure = {self.attack.figure!r}: not a classifier of defense.classifiers "
+                             f"with a denoiser")
+        return self
+
+    def denoiser_settings(self, name: str) -> PretrainSettings:
+        """Pretraining settings of a denoiser: `pretrain` for 'dmae', else `pretrain` with its overrides."""
+        if name == MAIN_DENOISER:
+            return self.pretrain
+        return _merged(self.pretrain, self.defense.denoisers[name], f"defense.denoisers.{name}")
+
+    def defense_finetune(self) -> FinetuneSettings:
+        """Fine-tuning settings of the De^3 classifiers: `finetune` with defense.finetune's overrides."""
+        return _merged(self.finetune, self.defense.finetune, "defense.finetune")
+
+
+def _merged(base: Section, overrides: dict[str, Any], key: str) -> Section:
+    """`base` with `overrides` deep-merged in, validated as base's class; errors name key.field."""
+    try:
+        return type(base).model_validate(deep_merge(base.model_dump(), overrides))
+    except ValidationError as exc:
+        lines = [_describe({**e, "loc": (key, *e["loc"])}) for e in exc.errors()]
+        raise ValueError("; ".join(lines)) from None
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from dmae import distributed as dist
 from dmae.certify import certify_examples, merge_shards
 from dmae.classifier import load_classifier
 from dmae.datasets import load_split, read_meta
@@ -51,6 +52,11 @@ def main(
     c = params.certify
     check_certify_args(n0=c.n0, n=c.n, alpha=c.alpha, batch_size=c.batch_size)
     i, k = parse_shard(shard)
+    device = dist.init_from_env(device)
+    if dist.world_size() > 1:  # torchrun: process r certifies shard r, then rank 0 merges
+        if k > 1:
+            raise UserError("--shard and torchrun both split the work: use one of them")
+        i, k = dist.rank(), dist.world_size()
     model = model or Path(f"models/finetune/sigma-{sigma}")
     out = out or Path(f"results/certify/sigma-{sigma}.tsv")
     meta = read_meta(data)
@@ -60,9 +66,17 @@ def main(
     smooth = Smooth(classifier, meta["num_classes"], sigma, seed=c.seed, precision=c.precision)
     target = out if k == 1 else shard_path(out, i, k)
     certify_examples(smooth, test, range(len(test)), n0=c.n0, n=c.n, alpha=c.alpha, batch_size=c.batch_size,
-                     out_path=target, shard=(i, k), progress=runtime.progress)
-    if k == 1:
-        write_settings(out.with_suffix(".settings.json"), resolved(params, SECTIONS, sigma=sigma))
+                     out_path=target, shard=(i, k), progress=runtime.progress and dist.is_main())
+    if dist.world_size() > 1:
+        dist.barrier()
+        if dist.is_main():
+            shards = [shard_path(out, r, k) for r in range(k)]
+            merge_shards(shards, out, range(len(test)))
+            for path in shards:
+                path.unlink()
+    if k == 1 or dist.world_size() > 1:
+        if dist.is_main():
+            write_settings(out.with_suffix(".settings.json"), resolved(params, SECTIONS, sigma=sigma))
 
 
 @user_errors

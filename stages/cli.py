@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import typer
 
-from stages import certify, finetune, prepare, pretrain
+from stages import certify, finetune, prepare, pretrain, report
+from stages import import_checkpoint, use_preset
+from stages import attack, finetune_defense
+from stages import bench
 
 app = typer.Typer(
     help="dmae: denoising (masked) autoencoders for certified and adversarial robustness.\n\n"
@@ -16,3 +19,9 @@ app.command("pretrain")(pretrain.main)
 app.command("finetune")(finetune.main)
 app.command("certify")(certify.main)
 app.command("certify-merge")(certify.merge)
+app.command("finetune-defense")(finetune_defense.main)
+app.command("attack")(attack.main)
+app.command("report")(report.main)
+app.command("import-checkpoint")(import_checkpoint.main)
+app.command("use-preset")(use_preset.main)
+app.command("bench")(bench.main)

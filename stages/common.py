@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -20,10 +22,19 @@ PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="The params f
 STATE_ROOT = Path(".dmae-state")  # resume checkpoints: outside DVC outs, so `dvc repro` does not delete them
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (a scheduler's preemption) stops like Ctrl-C: cleanly, checkpoint kept
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Print a UserError as one clear message and exit 2; anything else is a bug and keeps its traceback."""
+    """Print a UserError as one clear message and exit 2; anything else is a bug and keeps its traceback.
+
+    SIGINT and SIGTERM end the stage with exit 130 and a message; the last checkpoint stays for the rerun.
+    """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminate)
         try:
             return fn(*args, **kwargs)
         except UserError as exc:

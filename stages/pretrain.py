@@ -8,9 +8,12 @@ from pathlib import Path
 import torch
 import typer
 
-from dmae.checkpoint import load_weights, load_into, save_weights
+from dmae import distributed as dist
+from dmae.checkpoint import save_weights
 from dmae.datasets import load_split, read_meta
+from dmae.errors import UserError
 from dmae.figures import image_grid
+from dmae.import_checkpoint import init_from_checkpoint
 from dmae.io import write_tsv
 from dmae.model import DenoisingMAE, config_for
 from dmae.pretrain import pretrain, reconstruction_examples
@@ -23,41 +26,54 @@ SECTIONS = ["data", "model", "pretrain"]
 def main(
     params_path: Path = PARAMS_OPTION,
     data: Path = typer.Option(Path("data/prepared"), help="Prepared data set (output of `dmae prepare`)."),
-    out: Path = typer.Option(Path("models/pretrain"), help="Where the pretrained weights and config go."),
-    results: Path = typer.Option(Path("results/pretrain"), help="Where the loss curve and figure go."),
+    out: Path = typer.Option(None, help="Where the pretrained weights and config go [default: models/pretrain, "
+                                        "or models/denoisers/VARIANT]."),
+    results: Path = typer.Option(None, help="Where the loss curve and figure go [default: results/pretrain, or "
+                                            "results/denoisers/VARIANT]."),
+    variant: str = typer.Option(None, help="Pretrain the denoiser variant of this name (a key of params "
+                                           "defense.denoisers): `pretrain` with the variant's overrides."),
 ) -> None:
     """Pretrain on the prepared training split; resumes after an interruption.
 
     Writes OUT/model.safetensors + config.json + settings.json, RESULTS/metrics.tsv (loss per epoch, a DVC
     plot) and RESULTS/reconstructions.png|svg (held-out images: clean / corrupted / reconstructed).
+    With pretrain.epochs 0, OUT holds the pretrain.init_from weights as they are (a released model, say).
     """
     params, runtime, device = setup(params_path)
-    cfg = params.pretrain
+    device = dist.init_from_env(device)
+    if variant is not None and variant not in params.defense.denoisers:
+        raise UserError(f"--variant {variant!r} is not a key of params defense.denoisers "
+                        f"({', '.join(params.defense.denoisers)})")
+    cfg = params.denoiser_settings(variant) if variant else params.pretrain
+    out = out or Path(f"models/denoisers/{variant}" if variant else "models/pretrain")
+    results = results or Path(f"results/denoisers/{variant}" if variant else "results/pretrain")
     meta = read_meta(data)
     model_cfg = config_for(params.model, meta)
     train = load_split(data, "train", augment=cfg.augment)
     settings = resolved(params, SECTIONS)
+    if variant:
+        settings.update(pretrain=cfg.model_dump(mode="json"), variant=variant)
     resume = state_path("pretrain", settings)
 
     torch.manual_seed(cfg.seed)  # weight init
     model = DenoisingMAE(model_cfg)
     if cfg.init_from:
-        load_into(model, load_weights(cfg.init_from), source=cfg.init_from)
-
-    def write_metrics(_row: dict) -> None:
-        write_tsv(results / "metrics.tsv", history_so_far(), ["epoch", "loss", "lr"])
+        init_from_checkpoint(model, cfg.init_from)
 
     rows: list[dict] = []
 
-    def history_so_far() -> list[dict]:
-        return rows
-
-    def on_epoch(row: dict) -> None:
+    def on_epoch(row: dict) -> None:  # the loss curve grows epoch by epoch, so a long run can be watched
         rows.append(row)
-        write_metrics(row)
+        write_tsv(results / "metrics.tsv", rows, ["epoch", "loss", "lr"])
 
-    history = pretrain(model, train, cfg, device=device, state_path=resume, workers=runtime.workers,
-                       progress=runtime.progress, on_epoch=on_epoch)
+    if cfg.epochs:
+        history = pretrain(model, train, cfg, device=device, state_path=resume, workers=runtime.workers,
+                           progress=runtime.progress, on_epoch=on_epoch)
+    else:  # the init_from weights are the result, as they are
+        history = []
+        model.to(device)
+    if not dist.is_main():
+        return
     write_tsv(results / "metrics.tsv", history, ["epoch", "loss", "lr"])
     save_weights(out, model.state_dict(), {"kind": "autoencoder", **model_cfg.to_dict()})
     write_settings(out / "settings.json", settings)

@@ -2,11 +2,12 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from dmae.model import DenoisingMAE, ModelConfig, sincos_pos_embed
-from dmae.noise import add_noise, sample_sigma
+from dmae.noise import add_noise, keyed_normal, sample_sigma
 from dmae.presets import PRESETS
 from dmae.settings import NoiseSettings
 
@@ -76,15 +77,22 @@ def test_noise_statistics_unclamped_and_seeded():
 
 
 def test_sigma_samplers_have_the_requested_distributions():
-    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
     n = 200_000
-    fixed = sample_sigma(NoiseSettings(dist="fixed", sigma=0.25), n)
+    fixed = sample_sigma(NoiseSettings(dist="fixed", sigma=0.25), n, rng)
     assert torch.all(fixed == 0.25)
-    uni = sample_sigma(NoiseSettings(dist="uniform", low=0, high=150, per255=True), n)
+    uni = sample_sigma(NoiseSettings(dist="uniform", low=0, high=150, per255=True), n, rng)
     assert uni.min() >= 0 and uni.max() <= 150 / 255 and abs(uni.mean().item() - 75 / 255) < 1e-3
-    gamma = sample_sigma(NoiseSettings(dist="gamma", shape=25, scale=3, per255=True), n)  # NIM's default
+    assert abs(uni.std().item() - 150 / 255 / math.sqrt(12)) < 1e-3
+    gamma = sample_sigma(NoiseSettings(dist="gamma", shape=25, scale=3, per255=True), n, rng)  # NIM's default
     assert abs(gamma.mean().item() - 75 / 255) < 1e-3 and abs(gamma.std().item() - 15 / 255) < 1e-3
-    assert torch.all(sample_sigma(NoiseSettings(dist="none"), 3) == 0)
+    assert torch.all(sample_sigma(NoiseSettings(dist="none"), 3, rng) == 0)
+
+
+def test_keyed_noise_does_not_depend_on_batch_composition():
+    a = keyed_normal([1, 2, 3], (1, 4, 4), "cpu")
+    b = keyed_normal([3, 9], (1, 4, 4), "cpu")
+    assert torch.equal(a[2], b[0]) and not torch.equal(a[0], a[1])
 
 
 def test_loss_against_hand_computed_tiny_case():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from scipy.stats import binom, binomtest, norm
+from scipy.stats import binomtest, norm
 from torch import nn
 
 from dmae.errors import UserError
@@ -60,20 +60,8 @@ def linear_smooth(sigma=0.25, seed=0, **kwargs):
     return Smooth(LinearBinary(w, -float((w * CENTER).sum())), 2, sigma, seed=seed, **kwargs), w
 
 
-def test_false_certificates_at_most_alpha_on_linear_oracle():
-    # alpha = 0.1 keeps the test sharp: a point estimate of pA instead of its lower bound is wrong in about
-    # half of the trials (measured: 1017 of 2000), far above the bound (267).
-    sigma, alpha, trials = 0.25, 0.1, 2000
-    smooth, w = linear_smooth(sigma)
-    margins = np.random.default_rng(0).uniform(-0.5, 0.5, trials)
-    false = certified = 0
-    for index, margin in enumerate(margins):
-        predict, radius = smooth.certify(CENTER + float(margin) * w, 32, 300, alpha, 128, index=index)
-        if predict != ABSTAIN:
-            certified += 1
-            false += predict != int(margin > 0) or radius > abs(margin)
-    assert false <= binom.ppf(1 - 1e-6, trials, alpha)
-    assert certified >= trials // 2
+# The false-certificate rate on the linear oracle (alpha 0.1, 0.05, 0.01; fp32 and bf16; up to 10,000 inputs) and
+# PREDICT's error rate: tests/test_reliability_guarantee.py.
 
 
 def test_abstains_when_true_pa_below_half():

@@ -19,6 +19,7 @@ from dmae.errors import UserError
 AUGMENTS = ("none", "flip", "rrc_flip")
 RRC_SCALE = (0.2, 1.0)
 PREPARE_HINT = "run the data preparation stage first (dvc repro, or the dmae prepare command)"
+META_KEYS = {"storage", "num_classes", "channels", "image_size", "mean", "std"}  # what the stages read
 
 
 def read_meta(prepared_dir: str | os.PathLike) -> dict:
@@ -26,9 +27,14 @@ def read_meta(prepared_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise UserError(f"{path} not found; {PREPARE_HINT}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not valid JSON ({err}); {PREPARE_HINT}") from None
+    missing = sorted(META_KEYS - meta.keys()) if isinstance(meta, dict) else None
+    if missing is None or missing:
+        what = f"lacks {missing}" if missing else f"holds a {type(meta).__name__}, not an object"
+        raise UserError(f"{path} {what}; {PREPARE_HINT}")
+    return meta
 
 
 def _clamp01(x: torch.Tensor) -> torch.Tensor:

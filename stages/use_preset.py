@@ -1,0 +1,38 @@
+"""`dmae use-preset`: make one of the paper-scale params files under presets/ the project's params.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from dmae.errors import UserError
+from dmae.io import atomic_write_text
+from dmae.progress import console
+from dmae.settings import load_params
+from stages.common import user_errors
+
+PRESETS_DIR = Path("presets")
+
+
+def available(folder: Path = PRESETS_DIR) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+@user_errors
+def main(
+    name: str = typer.Argument(..., help="A preset under presets/ (without .yaml), e.g. imagenet-dmae-vit-b."),
+    params_path: Path = typer.Option(Path("params.yaml"), "--params", help="The params file to replace."),
+) -> None:
+    """Validate presets/NAME.yaml and copy it over params.yaml atomically; then run `dvc repro`.
+
+    Equivalent to `cp presets/NAME.yaml params.yaml`, but refuses an unknown or invalid preset.
+    """
+    source = PRESETS_DIR / f"{name}.yaml"
+    if not source.is_file():
+        known = ", ".join(available()) or f"none (run from the project root, where {PRESETS_DIR}/ is)"
+        raise UserError(f"unknown preset {name!r}; presets: {known}")
+    load_params(source)
+    atomic_write_text(params_path, source.read_text(encoding="utf-8"))
+    console.print(f"{params_path} now holds {source} (`git diff {params_path}` shows what changed); "
+                  f"next: `dvc repro`", highlight=False)

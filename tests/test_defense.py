@@ -1,0 +1,236 @@
+"""De^3: the defense chain, the fine-tuning inputs, the attack evaluation and its settings (untrained tiny models)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dmae.attacks import input_gradient
+from dmae.classifier import Classifier
+from dmae.defense import Defense, TrainingInputs
+from dmae.errors import UserError
+from dmae.model import DenoisingMAE, ModelConfig
+from dmae.robustness import columns, craft, evaluate
+from dmae.settings import AttackSettings, parse_params
+
+CFG = ModelConfig("tiny", 16, 4, 1, (0.3,), (0.3,))
+ATTACK = AttackSettings(examples=4, batch_size=3, test_sigmas=[0.0, 0.25], eps=8 / 255, eot=3,
+                        pgd={"steps": 2, "step_size": 4 / 255}, square={"queries": 6}, autoattack=[])
+
+
+class BackwardCounter:
+    """Counts backward passes through the denoiser's last layer."""
+
+    def __init__(self, denoiser: DenoisingMAE):
+        self.calls = 0
+        denoiser.decoder_pred.register_full_backward_hook(self._hook)
+
+    def _hook(self, module, grad_input, grad_output):
+        self.calls += 1
+
+
+@pytest.fixture(scope="module")
+def parts():
+    torch.manual_seed(0)
+    denoiser, classifier = DenoisingMAE(CFG), Classifier(CFG, 10)
+    nn_init = torch.nn.init
+    nn_init.normal_(classifier.vit.head.weight, std=0.5)  # untrained, but not flat: nonzero input gradients
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 3])
+    return denoiser, classifier, x, y
+
+
+def test_defense_is_differentiable_end_to_end_and_the_denoiser_stays_frozen(parts):
+    denoiser, classifier, x, y = parts
+    defense = Defense(denoiser, classifier, sigma=0.25)
+    counter = BackwardCounter(denoiser)
+    grad = input_gradient(defense, x, y)
+    assert grad.abs().sum() > 0 and counter.calls == 1
+    assert all(not p.requires_grad and p.grad is None for p in denoiser.parameters())
+    defense.train()
+    assert not denoiser.training and classifier.training
+    classifier.eval()
+
+
+def test_sigma_zero_is_the_classifier_alone(parts):
+    denoiser, classifier, x, _ = parts
+    counter = BackwardCounter(denoiser)
+    defense = Defense(denoiser, classifier, sigma=0.0)
+    assert torch.equal(defense(x), classifier(x))
+    with pytest.raises(UserError, match="needs a denoiser"):
+        Defense(None, classifier, sigma=0.1)
+    input_gradient(defense, x, torch.zeros(4, dtype=torch.long))
+    assert counter.calls == 0
+
+
+def test_gray_box_gradients_never_pass_through_the_denoiser(parts):
+    denoiser, classifier, x, y = parts
+    defense = Defense(denoiser, classifier, sigma=0.25)
+    counter = BackwardCounter(denoiser)
+    for column in ("gray_fgsm", "gray_pgd"):
+        x_adv = craft(column, defense, x, y, ATTACK, seed=0)
+        assert (x_adv - x).abs().max() <= ATTACK.eps + 1e-6
+    assert counter.calls == 0
+    craft("white_pgd", defense, x, y, ATTACK, seed=0)
+    assert counter.calls == ATTACK.pgd.steps
+
+
+def test_eot_averages_fresh_draws(parts):
+    denoiser, classifier, x, y = parts
+    defense = Defense(denoiser, classifier, sigma=0.25)
+    torch.manual_seed(5)
+    averaged = input_gradient(defense, x, y, eot=3)
+    torch.manual_seed(5)
+    singles = [input_gradient(defense, x, y) for _ in range(3)]
+    assert not torch.allclose(singles[0], singles[1])  # each pass draws its own noise
+    torch.testing.assert_close(averaged, sum(singles) / 3)
+
+
+def test_training_inputs(parts):
+    denoiser, _, x, _ = parts
+    eps, u = torch.randn_like(x), torch.tensor([0.0, 0.5, 1.0, 0.25])
+    assert torch.equal(TrainingInputs("clean", 0.1)(x, eps, u), x)
+    noisy = TrainingInputs("noisy", 0.1)(x, eps, u)
+    torch.testing.assert_close(noisy, x + 0.1 * u.view(-1, 1, 1, 1) * eps)
+    denoised = TrainingInputs("denoised", 0.1, denoiser)(x, eps, u)
+    assert not denoised.requires_grad and denoised.min() >= 0 and denoised.max() <= 1
+    torch.testing.assert_close(denoised, denoiser.reconstruct(noisy, True, 0.1 * u))
+    with pytest.raises(UserError, match="needs a denoiser"):
+        TrainingInputs("denoised", 0.1)
+
+
+def test_evaluate_is_deterministic_and_copies_what_is_equal_without_noise(parts):
+    denoiser, classifier, x, y = parts
+    cfg = ATTACK.model_copy(update={"autoattack": ["rand"]})
+    run = []
+    plain = evaluate(Defense(denoiser, classifier, 0.0), x, y, cfg, key=("c", 0.0),
+                     on_column=lambda column, accuracy, seconds: run.append(column))
+    assert plain.accuracy["gray_pgd"] == plain.accuracy["white_pgd"]
+    assert plain.accuracy["white_fgsm_eot"] == plain.accuracy["white_fgsm"]
+    assert plain.accuracy["autoattack_rand"] is None
+    assert run == ["clean", "white_fgsm", "white_pgd", "square"]
+
+    noisy = Defense(denoiser, classifier, 0.25)
+    runs = [evaluate(noisy, x, y, ATTACK, key=("c", 0.25), keep=2) for _ in range(2)]
+    assert runs[0].accuracy == runs[1].accuracy and list(runs[0].accuracy) == columns(ATTACK)
+    assert runs[0].shown.shape == (2, 1, 16, 16) and torch.equal(runs[0].shown, runs[1].shown)
+    assert all(0 <= a <= 1 for a in runs[0].accuracy.values())
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"attack": {"eps": 1.5}}, "attack.eps = 1.5"),
+    ({"attack": {"pgd": {"steps": 0}}}, "attack.pgd.steps = 0"),
+    ({"attack": {"eot": 0}}, "attack.eot = 0"),
+    ({"attack": {"autoattack": ["fast"]}}, "attack.autoattack.0 = 'fast'"),
+    ({"attack": {"test_sigmas": [0.0, -0.1]}}, "attack.test_sigmas.1 = -0.1"),
+    ({"attack": {"figure": "undefended"}}, "attack.figure = 'undefended'"),
+    ({"attack": {"queries": 5}}, "attack.queries: unknown key"),
+    ({"defense": {"train_sigma_max": 2}}, "defense.train_sigma_max = 2"),
+    ({"defense": {"denoisers": {"nim": {"mask_ratio": 0.5, "task": "nim"}}}},
+     "defense.denoisers.nim: task 'nim' is noise only"),
+    ({"defense": {"denoisers": {"nim": {"task": "nim", "mask_ratio": 0, "epochs": -1}}}},
+     "defense.denoisers.nim.epochs = -1"),
+    ({"defense": {"denoisers": {"dmae": {}}}}, "defense.denoisers.dmae: the name is taken"),
+    ({"defense": {"classifiers": {"a": {"encoder": "simclr"}}}}, "defense.classifiers.a.encoder = 'simclr'"),
+    ({"defense": {"classifiers": {"a": {"input": "denoised", "denoiser": None}}}}, "needs a denoiser"),
+    ({"defense": {"finetune": {"consistency": {"enabled": True}}}}, "defense.finetune.consistency.enabled"),
+    ({"defense": {"finetune": {"lr": 1}}}, "defense.finetune.lr: unknown key"),
+])
+def test_bad_defense_and_attack_params_name_the_key(raw, message):
+    with pytest.raises(UserError) as err:
+        parse_params(raw, source="params.yaml")
+    assert message in str(err.value)
+
+
+def test_denoiser_settings_merge_the_variant_into_pretrain():
+    params = parse_params({"pretrain": {"epochs": 7, "base_lr": 0.01}})
+    nim = params.denoiser_settings("nim")
+    assert (nim.task, nim.mask_ratio, nim.noise.dist, nim.noise.per255) == ("nim", 0.0, "gamma", True)
+    assert nim.epochs == 7 and nim.base_lr == 0.01 and nim.noise.sigma == params.pretrain.noise.sigma
+    assert params.denoiser_settings("dmae") == params.pretrain
+    assert not params.defense_finetune().consistency.enabled
+
+
+# -- the stages ------------------------------------------------------------------------------------------------
+
+def _invoke(*args):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def _update(params_path, **sections):
+    raw = yaml.safe_load(params_path.read_text())
+    raw.update(sections)
+    params_path.write_text(yaml.safe_dump(raw))
+
+
+@pytest.mark.parametrize("args, section, message", [
+    (["attack"], {"attack": {"eps": 2}}, "attack.eps = 2"),
+    (["attack"], {"attack": {"pgd": {"steps": 0}}}, "attack.pgd.steps = 0"),
+    (["finetune-defense", "--classifier", "nim"], {"defense": {"train_sigma_max": -1}},
+     "defense.train_sigma_max = -1"),
+    (["finetune-defense", "--classifier", "simclr"], {}, "--classifier 'simclr' is not a key"),
+    (["pretrain", "--variant", "dmae"], {}, "--variant 'dmae' is not a key"),
+])
+def test_bad_params_and_names_exit_2_before_any_work(tiny_params, args, section, message):
+    _update(tiny_params, **section)
+    result = _invoke(*args)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not any(Path(d).exists() for d in ("data", "models", "results"))
+
+
+@pytest.mark.slow
+def test_defense_stages_end_to_end_deterministic_and_resumable(tiny_params, monkeypatch):
+    _update(tiny_params,
+            defense={"denoisers": {"nim": {"task": "nim", "mask_ratio": 0.0, "noise": {"dist": "gamma"}}},
+                     "classifiers": {"undefended": {"input": "clean", "encoder": "nim", "denoiser": None},
+                                     "nim": {"encoder": "nim", "denoiser": "nim"},
+                                     "dmae": {"input": "noisy", "encoder": "dmae", "denoiser": "dmae"}},
+                     "finetune": {"consistency": {"enabled": False}, "epochs": 1, "warmup_epochs": 0}},
+            attack={"examples": 5, "batch_size": 3, "test_sigmas": [0.0, 0.25], "eot": 2, "pgd": {"steps": 2},
+                    "square": {"queries": 4}, "autoattack": []})
+    for args in (["prepare"], ["pretrain"], ["pretrain", "--variant", "nim"],
+                 *(["finetune-defense", "--classifier", c] for c in ("undefended", "nim", "dmae"))):
+        assert _invoke(*args).exit_code == 0, args
+    assert Path("models/denoisers/nim/model.safetensors").is_file()
+    assert Path("results/denoisers/nim/reconstructions.png").is_file()
+    settings = json.loads(Path("models/defense/nim/settings.json").read_text())
+    assert settings["classifier"]["input"] == "denoised" and not settings["finetune"]["consistency"]["enabled"]
+    assert len(Path("results/defense/nim/metrics.tsv").read_text().splitlines()) == 2
+
+    assert _invoke("attack").exit_code == 0
+    out = Path("results/attack")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"undefended", "nim", "dmae"} and set(metrics["nim"]) == {"sigma-0", "sigma-0.25"}
+    assert set(metrics["undefended"]) == {"sigma-0"} and "white_pgd_eot" in metrics["nim"]["sigma-0.25"]
+    assert len((out / "tradeoff.tsv").read_text().splitlines()) == 1 + 1 + 2 + 2
+    for stem in ("tradeoff", "adversarial"):
+        assert (out / f"{stem}.png").is_file() and (out / f"{stem}.svg").is_file()
+    first = {f: (out / f).read_bytes() for f in ("metrics.json", "tradeoff.tsv", "attack.md", "tradeoff.svg")}
+    assert "| nim | 63.8/255 |" in first["attack.md"].decode()
+    assert _invoke("attack").exit_code == 0
+    assert first == {f: (out / f).read_bytes() for f in first}
+
+    # interrupted after two rows, then rerun: resumes and ends with the same files
+    import stages.attack
+
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(stages.attack, "evaluate", interrupted)
+        assert _invoke("attack").exit_code == 130
+    assert any(Path("state/attack").rglob("state.pt"))
+    assert _invoke("attack").exit_code == 0
+    assert first == {f: (out / f).read_bytes() for f in first}
+    assert not any(Path("state/attack").rglob("state.pt"))

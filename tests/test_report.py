@@ -1,0 +1,193 @@
+"""The report: certified accuracy, ACR and the best-sigma envelope against hand-computed values; input checks;
+a self-contained, deterministic HTML report."""
+
+import json
+import re
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from dmae.certify import HEADER
+from dmae.errors import UserError
+from dmae.report import Summary, certify_paths, load_runs, metrics
+from stages.cli import app
+
+# idx, label, predict, radius, correct. Radii 0.25, 0.5, 0.75 and 1.0 sit exactly on grid points; predict -1
+# is an abstention; sigma 0.5 idx 3 is correct with radius 0 (pA_lower exactly 0.5).
+ROWS = {
+    0.25: [(0, 1, 1, 0.5, 1), (1, 2, 2, 0.25, 1), (2, 3, -1, 0.0, 0), (3, 4, 5, 0.8, 0), (4, 5, 5, 1.0, 1),
+           (5, 6, 6, 0.1, 1)],
+    0.5: [(0, 1, 1, 0.75, 1), (1, 2, -1, 0.0, 0), (2, 3, -1, 0.0, 0), (3, 4, 4, 0.0, 1), (4, 5, -1, 0.0, 0),
+          (5, 6, 6, 1.5, 1)],
+}
+RADII = [0.0, 0.25, 0.5, 0.75, 1.0]
+# By hand: sigma 0.25 correct with radius >= r: r=0 {0,1,4,5}, 0.25 {0,1,4}, 0.5 {0,4}, 0.75 {4}, 1.0 {4};
+# sigma 0.5: r=0 {0,3,5}, 0.25 {0,5}, 0.5 {0,5}, 0.75 {0,5}, 1.0 {5}.
+EXPECTED = {0.25: [4 / 6, 3 / 6, 2 / 6, 1 / 6, 1 / 6], 0.5: [3 / 6, 2 / 6, 2 / 6, 2 / 6, 1 / 6]}
+EXPECTED_ACR = {0.25: (0.5 + 0.25 + 1.0 + 0.1) / 6, 0.5: (0.75 + 1.5) / 6}
+EXPECTED_BEST = [(4 / 6, 0.25), (3 / 6, 0.25), (2 / 6, 0.25), (2 / 6, 0.5), (1 / 6, 0.25)]  # ties: smaller sigma
+
+
+def write_tsv(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [HEADER] + ["\t".join(map(str, (*row, "0.0100"))) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_certify(folder, rows=ROWS):
+    return {sigma: write_tsv(folder / f"sigma-{sigma}.tsv", r) for sigma, r in rows.items()}
+
+
+@pytest.fixture
+def summary(tmp_path):
+    return Summary.of(load_runs(write_certify(tmp_path)), RADII)
+
+
+def test_certified_accuracy_acr_abstain_clean(summary):
+    for sigma, run in summary.runs.items():
+        assert run.certified_accuracy(RADII) == pytest.approx(EXPECTED[sigma])
+        assert run.acr == pytest.approx(EXPECTED_ACR[sigma])
+    assert summary.runs[0.25].abstain_rate == pytest.approx(1 / 6)
+    assert summary.runs[0.5].abstain_rate == pytest.approx(3 / 6)
+    assert summary.runs[0.25].clean_accuracy == pytest.approx(4 / 6)
+    assert summary.runs[0.5].clean_accuracy == pytest.approx(3 / 6)  # includes the radius-0 correct example
+
+
+def test_best_sigma_envelope(summary):
+    best = summary.best()
+    assert [b.accuracy for b in best] == pytest.approx([a for a, _ in EXPECTED_BEST])
+    assert [b.sigma for b in best] == [s for _, s in EXPECTED_BEST]
+    best_acr = summary.best_acr()
+    assert (best_acr.accuracy, best_acr.sigma) == (pytest.approx(EXPECTED_ACR[0.5]), 0.5)
+
+
+def test_metrics_layout(summary):
+    m = metrics(summary)
+    assert m["certified_accuracy"] == pytest.approx(
+        {f"r={r!r}": round(a, 6) for r, (a, _) in zip(RADII, EXPECTED_BEST)})
+    assert m["best_sigma"] == {"r=0.0": 0.25, "r=0.25": 0.25, "r=0.5": 0.25, "r=0.75": 0.5, "r=1.0": 0.25}
+    assert (m["acr"], m["acr_sigma"], m["examples"]) == (round(EXPECTED_ACR[0.5], 6), 0.5, 6)
+    s = m["per_sigma"]["sigma=0.25"]
+    assert s["certified_accuracy"]["r=0.75"] == round(1 / 6, 6)
+    assert (s["acr"], s["abstain_rate"], s["clean_accuracy"]) == (round(EXPECTED_ACR[0.25], 6),
+                                                                  round(1 / 6, 6), round(4 / 6, 6))
+
+
+def test_curves_sample_the_step_function(summary):
+    grid, per_sigma, best = summary.curves()
+    assert grid[0] == 0.0 and grid[-1] == 1.51  # one step past the largest radius, 1.5
+    for sigma, values in per_sigma.items():
+        at = {r: v for r, v in zip(grid, values)}
+        assert [at[r] for r in RADII] == pytest.approx(EXPECTED[sigma])
+        assert values[-1] == 0 and np.all(np.diff(values) <= 0)
+    assert best == [max(v) for v in zip(*per_sigma.values())]
+
+
+@pytest.mark.parametrize("bad_rows, message", [
+    ([(0, 1, 1, 0.5, 1), (2, 3, 3, 0.5, 1), (5, 6, 6, 0.5, 1)], "misses 3 example"),  # idx 1, 3, 4 missing
+    ([(0, 1, 1, 0.5, 1), (1, 2, 2, 0.5, 1), (1, 2, 2, 0.5, 1)], "unique idx"),  # duplicated
+    ([], "no examples"),
+])
+def test_bad_files_are_named(tmp_path, bad_rows, message):
+    paths = write_certify(tmp_path, {**ROWS, 0.5: bad_rows})
+    with pytest.raises(UserError, match=message) as err:
+        load_runs(paths)
+    assert str(paths[0.5]) in str(err.value)
+
+
+def test_differing_idx_sets_name_the_short_file(tmp_path):
+    extra = ROWS[0.5] + [(6, 1, 1, 0.5, 1)]
+    paths = write_certify(tmp_path, {**ROWS, 0.5: extra})
+    with pytest.raises(UserError, match=r"misses 1 example\(s\) \(idx 6\)") as err:
+        load_runs(paths)
+    assert str(paths[0.25]) in str(err.value)
+
+
+def test_missing_sigma_file_is_named(tmp_path):
+    write_certify(tmp_path)
+    paths = certify_paths(tmp_path, [0.25, 0.5, 1.0])
+    with pytest.raises(UserError, match=re.escape(str(paths[1.0]))):
+        load_runs(paths)
+
+
+# --- the stage ----------------------------------------------------------------------------------------------
+
+def make_project(root, dataset="cifar10"):
+    """A project folder with params, certification TSVs, settings, training metrics and a reconstruction PNG."""
+    sigmas = list(ROWS)
+    size = 32 if dataset == "cifar10" else 16
+    (root / "params.yaml").write_text(json.dumps({
+        "sigmas": sigmas, "data": {"dataset": dataset, "image_size": size}, "model": {"img_size": size},
+        "report": {"radii": RADII}}))
+    write_certify(root / "results/certify")
+    for sigma in sigmas:
+        settings = {"certify": {"n0": 100, "n": 500, "alpha": 0.001}, "data": {"dataset": dataset}, "sigma": sigma}
+        (root / f"results/certify/sigma-{sigma}.settings.json").write_text(json.dumps(settings))
+        (root / f"models/finetune/sigma-{sigma}").mkdir(parents=True)
+        (root / f"models/finetune/sigma-{sigma}/settings.json").write_text(json.dumps({"finetune": {"m": 2}}))
+        ft = root / f"results/finetune/sigma-{sigma}/metrics.tsv"
+        ft.parent.mkdir(parents=True)
+        ft.write_text("epoch\ttrain_loss\tval_clean_acc\tval_noisy_acc\tlr\n1\t2.0\t0.5\t0.4\t0.001\n"
+                      "2\t1.5\t0.7\t0.6\t0.0005\n")
+    (root / "models/pretrain").mkdir(parents=True)
+    (root / "models/pretrain/settings.json").write_text(json.dumps({"data": {"dataset": dataset},
+                                                                    "pretrain": {"mask_ratio": 0.75}}))
+    (root / "results/pretrain").mkdir(parents=True)
+    (root / "results/pretrain/metrics.tsv").write_text("epoch\tloss\tlr\n1\t1.0\t0.001\n2\t0.5\t0.002\n")
+    plt.imsave(root / "results/pretrain/reconstructions.png", np.eye(8))
+
+
+def run_report(root):
+    args = ["report", "--params", f"{root}/params.yaml"]
+    for option, path in [("--certify-dir", "results/certify"), ("--pretrain-results", "results/pretrain"),
+                         ("--finetune-results", "results/finetune"), ("--models", "models"),
+                         ("--out", "results/report")]:
+        args += [option, f"{root}/{path}"]
+    return CliRunner().invoke(app, args)
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_stage_writes_a_self_contained_deterministic_report(tmp_path):
+    make_project(tmp_path)
+    result = run_report(tmp_path)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "results/report"
+    first = snapshot(out)
+    assert {"metrics.json", "curves.tsv", "report.md", "report.html", "figures/certified_accuracy.png",
+            "figures/certified_accuracy.svg", "figures/finetune.png", "figures/pretrain_loss.png",
+            "figures/reconstructions.png"} <= set(first)
+
+    assert json.loads(first["metrics.json"])["best_sigma"]["r=0.75"] == 0.5
+    header = first["curves.tsv"].decode().splitlines()[0]
+    assert header == "radius\tsigma=0.25\tsigma=0.5\tbest"
+
+    md = first["report.md"].decode()
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(linked) == 4 and all((out / path).is_file() for path in linked)
+    assert "| ours − DMAE ViT-B |  | -29.2 |" in md  # ours at r = 0.25 is 3/6 = 50.0 %, DMAE ViT-B 79.2 %
+    assert str(tmp_path) not in md
+
+    page = first["report.html"].decode()
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page)
+    assert "<script" not in page and "<link" not in page
+    images = re.findall(r"<img[^>]*\ssrc=\"([^\"]*)\"", page)
+    assert len(images) == 4 and all(src.startswith("data:image/png;base64,") for src in images)
+
+    result = run_report(tmp_path)
+    assert result.exit_code == 0, result.output
+    assert snapshot(out) == first  # byte-identical, SVGs included
+
+
+def test_stage_names_the_missing_sigma_file(tmp_path):
+    make_project(tmp_path, dataset="digits")
+    params = json.loads((tmp_path / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(json.dumps({**params, "sigmas": [0.25, 0.5, 1.0]}))
+    result = run_report(tmp_path)
+    assert result.exit_code == 2
+    assert "results/certify/sigma-1.0.tsv" in result.output.replace("\n", "")  # rich wraps long lines
