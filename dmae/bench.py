@@ -72,11 +72,11 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TARGETS = {
     # the embedded default: digits, 1x16x16, patch 4
     "tiny": Target(ModelConfig("tiny", 16, 4, 1, (0.5,), (0.25,)), 10,
-                   full=Sizes(100, 2000, 2, 1000, (250, 2000), 128, 3, 3, 2048),
+                   full=Sizes(100, 2000, 1, 1000, (250, 2000), 128, 3, 5, 2048),
                    quick=Sizes(10, 100, 1, 50, (), 16, 1, 1, 256)),
     # the paper's ViT-B/16 on ImageNet-sized inputs
     "base": Target(ModelConfig("base", 224, 16, 3, IMAGENET_MEAN, IMAGENET_STD), 1000,
-                   full=Sizes(16, 128, 1, 32, (8, 128), 8, 1, 3, 2048),
+                   full=Sizes(8, 32, 1, 16, (8, 32), 8, 1, 4, 2048),
                    quick=Sizes(2, 8, 1, 4, (), 2, 1, 1, 256)),
 }
 
@@ -401,15 +401,16 @@ NOTES = ("speed-up: certification against the reference loop, training and the b
 
 
 def _cells(row: dict) -> tuple[str, ...]:
-    def num(value, fmt):
-        return "—" if value is None else format(value, fmt)
+    def num(value, fmt=None):
+        if value is None:
+            return "—"
+        return format(value, fmt or (",.0f" if value >= 100 else ".3g"))  # three significant digits at least
 
     same = {None: "—", True: "yes", False: "NO"}[row["same_certificates"]]
     speedup = "—" if row["speedup"] is None else f"{row['speedup']:.2f}x"
     return (row["section"], row["name"], row["precision"], num(row["batch_size"], "d"),
-            num(row["images_per_s"], ",.1f"), num(row["samples_per_s"], ",.0f"),
-            num(row["flops_per_s"] / 1e9, ",.1f"), num(100 * row["peak_fraction"], ".1f"), speedup, same,
-            num(row["peak_memory_mib"], ",.0f"))
+            num(row["images_per_s"]), num(row["samples_per_s"]), num(row["flops_per_s"] / 1e9),
+            num(100 * row["peak_fraction"], ".1f"), speedup, same, num(row["peak_memory_mib"], ",.0f"))
 
 
 def markdown(report: dict) -> str:

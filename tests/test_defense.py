@@ -35,8 +35,7 @@ class BackwardCounter:
 def parts():
     torch.manual_seed(0)
     denoiser, classifier = DenoisingMAE(CFG), Classifier(CFG, 10)
-    nn_init = torch.nn.init
-    nn_init.normal_(classifier.vit.head.weight, std=0.5)  # untrained, but not flat: nonzero input gradients
+    torch.nn.init.normal_(classifier.vit.head.weight, std=0.5)  # untrained, not flat: nonzero input gradients
     x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 1, 2, 3])
     return denoiser, classifier, x, y
