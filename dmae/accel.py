@@ -15,8 +15,8 @@ class Compiled(nn.Module):
     """`module` run through torch.compile; if compiling fails (no C++ compiler, an unsupported op, ...) it warns
     once and runs eagerly from then on.
 
-    `options` go to torch.compile. The wrapped module stays the only
-    registered submodule, so parameters, state dict, eval() and the device are the module's own.
+    `options` go to torch.compile. The wrapped module stays the only registered submodule, so parameters, state
+    dict, eval() and the device are the module's own.
     """
 
     def __init__(self, module: nn.Module, **options):
