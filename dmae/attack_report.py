@@ -1,4 +1,4 @@
-"""Outputs of the attack evaluation: DVC metrics, the trade-off table and figure, examples, a Markdown section.
+"""Outputs of the attack evaluation: DVC metrics, the trade-off table and figure, examples, a report section.
 
 Deterministic: the same rows give byte-identical files (no times, no absolute paths, fixed SVG salt).
 """
@@ -11,12 +11,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-from dmae.document import Figure, Heading, Paragraph, Table, to_markdown
+from dmae.document import Block, Figure, Heading, Paragraph, Table
 from dmae.figures import image_grid, save_figure
 from dmae.robustness import columns
 from dmae.settings import AttackSettings
 
-DETERMINISTIC = {"svg.hashsalt": "dmae-attack"}  # matplotlib salts SVG ids randomly otherwise
 PLOTTED = ["clean", "white_pgd_eot", "gray_pgd", "square", "autoattack_standard"]  # trade-off panels, if run
 
 
@@ -73,22 +72,20 @@ def tradeoff_figure(rows: list[Row], cfg: AttackSettings, stem: Path) -> list[Pa
     axes[0][0].set_ylabel("accuracy (%)")
     axes[0][-1].legend(frameon=False, fontsize=8)
     fig.suptitle(f"De³: accuracy against test-time noise, ℓ∞ ε = {sigma_label(cfg.eps)}", fontsize=10)
-    with plt.rc_context(DETERMINISTIC):
-        return save_figure(fig, stem)
+    return save_figure(fig, stem)
 
 
 def examples_figure(images: dict[str, torch.Tensor], stem: Path, title: str) -> list[Path]:
-    with plt.rc_context(DETERMINISTIC):
-        return image_grid(images, stem, title=title)
+    return image_grid(images, stem, title=title)
 
 
-def markdown(rows: list[Row], cfg: AttackSettings, dataset: str, examples: int, figures: list[str]) -> str:
+def section(rows: list[Row], cfg: AttackSettings, dataset: str, examples: int, figures: list[str]) -> list[Block]:
     """The section the report includes: protocol, the robust accuracy table, the figures (paths relative)."""
     names = labels(cfg)
     cols = columns(cfg)
     p = cfg.pgd
     autoattack = f"AutoAttack {' and '.join(cfg.autoattack)}" if cfg.autoattack else "AutoAttack not run"
-    blocks = [
+    return [
         Heading("Adversarial robustness: NIM / De³ (denoise, then classify)"),
         Paragraph(
             f"ℓ∞ attacks with ε = {sigma_label(cfg.eps)} on {examples} test images of {dataset}. Each defense "
@@ -110,4 +107,3 @@ def markdown(rows: list[Row], cfg: AttackSettings, dataset: str, examples: int, 
         Figure(figures[1], "White-box PGD-EOT adversarial examples, with the noisy input and what the "
                            "denoiser makes of it, per test σ."),
     ]
-    return to_markdown(blocks)

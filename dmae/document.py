@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import html
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
@@ -36,6 +36,7 @@ class Figure:
 
 
 Block = Heading | Paragraph | Table | Figure
+KINDS = {kind.__name__.lower(): kind for kind in (Heading, Paragraph, Table, Figure)}
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #1f2328; line-height: 1.5;
@@ -51,6 +52,24 @@ figure { margin: 1.5em 0; }
 figure img { max-width: 100%; border: 1px solid #eaeef2; }
 figcaption { color: #57606a; font-size: 14px; }
 """
+
+
+def to_json(blocks: list[Block]) -> list[dict]:
+    """Blocks as JSON-ready dicts, so that one stage can hand a section of its report to another."""
+    return [{"kind": type(b).__name__.lower(), **asdict(b)} for b in blocks]
+
+
+def from_json(items: list[dict]) -> list[Block]:
+    """The inverse of `to_json`; a ValueError names the item that is not a block."""
+    blocks = []
+    for i, item in enumerate(items):
+        fields = dict(item) if isinstance(item, dict) else {}
+        kind = KINDS.get(fields.pop("kind", None))
+        try:
+            blocks.append(kind(**fields))
+        except TypeError:
+            raise ValueError(f"item {i} is not a document block: {item!r}") from None
+    return blocks
 
 
 def _md_cell(text: str) -> str:

@@ -12,8 +12,6 @@ from dmae.errors import UserError
 from dmae.figures import save_figure
 from dmae.report import Summary
 
-# matplotlib salts SVG element ids with a random uuid unless this is set; a fixed salt makes SVGs reproducible.
-DETERMINISTIC = {"svg.hashsalt": "dmae-report"}
 # The columns the figures plot, of the training metric files (docs/CONTRACTS.md).
 PRETRAIN_COLUMNS = ["epoch", "loss"]
 FINETUNE_COLUMNS = ["epoch", "train_loss", "val_clean_acc", "val_noisy_acc"]
@@ -55,8 +53,7 @@ def certified_accuracy_figure(summary: Summary, stem: Path) -> list[Path]:
            xlim=(0, grid[-1]), title=f"Certified accuracy ({summary.examples} test examples)")
     ax.grid(alpha=0.3)
     ax.legend(frameon=False)
-    with plt.rc_context(DETERMINISTIC):
-        return save_figure(fig, stem)
+    return save_figure(fig, stem)
 
 
 def pretrain_figure(metrics: Mapping[str, list[float]], stem: Path) -> list[Path]:
@@ -65,8 +62,7 @@ def pretrain_figure(metrics: Mapping[str, list[float]], stem: Path) -> list[Path
     ax.plot(metrics["epoch"], metrics["loss"], color="C0", lw=1.6, marker="o", ms=2.5)
     ax.set(xlabel="epoch", ylabel="reconstruction loss (MSE)", title="Pretraining loss")
     ax.grid(alpha=0.3)
-    with plt.rc_context(DETERMINISTIC):
-        return save_figure(fig, stem)
+    return save_figure(fig, stem)
 
 
 def finetune_figure(metrics: Mapping[float, Mapping[str, list[float]]], stem: Path) -> list[Path]:
@@ -88,5 +84,4 @@ def finetune_figure(metrics: Mapping[float, Mapping[str, list[float]]], stem: Pa
     loss_ax.legend(frameon=False)
     acc_ax.legend(frameon=False, fontsize=8, ncol=2, loc="lower right")
     fig.tight_layout()
-    with plt.rc_context(DETERMINISTIC):
-        return save_figure(fig, stem)
+    return save_figure(fig, stem)

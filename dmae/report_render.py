@@ -14,6 +14,7 @@ from pathlib import Path
 from scipy.stats import norm
 
 from dmae.document import Block, Figure, Heading, Paragraph, Table, to_html, to_markdown
+from dmae.errors import UserError
 from dmae.io import atomic_write_bytes, atomic_write_text
 from dmae.published import PUBLISHED, PublishedTable
 from dmae.report import Summary
@@ -23,6 +24,7 @@ TITLE = "Certified robustness report"
 LIBRARIES = ["torch", "timm", "dvc", "dmae"]
 FIGURES = "figures"  # folder of the figures, inside the report's folder
 FIGURE_STEMS = ["certified_accuracy", "finetune", "pretrain_loss", "reconstructions"]
+ATTACK_PREFIX = "attack_"  # the attack section's figures, copied into the figures folder under this prefix
 DEFINITIONS = (
     "Certified accuracy at radius r: the share of test examples that the smoothed classifier classifies "
     "correctly with a certified ℓ2 radius of at least r (an abstention counts as wrong). Radii are in pixel "
@@ -40,6 +42,8 @@ class ReportInputs:
     pretrain_metrics: dict[str, list[float]] | None = None
     finetune_metrics: dict[float, dict[str, list[float]]] = field(default_factory=dict)
     reconstructions: Path | None = None  # the pretraining figure (PNG), copied into the report
+    attack: list[Block] | None = None  # the attack stage's section (attack.json); its figures relative to:
+    attack_root: Path | None = None
 
 
 def library_versions() -> dict[str, str]:
@@ -151,12 +155,36 @@ def settings_blocks(inputs: ReportInputs) -> list[Block]:
     return blocks
 
 
-def make_figures(inputs: ReportInputs, out: Path) -> list[Figure]:
-    """Write the figures into out/figures (removing ours left from an earlier run); return them for the document."""
-    folder, rel = out / FIGURES, FIGURES
+def _clear_figures(folder: Path) -> None:
+    """Remove the figures an earlier run of the report wrote (and nothing else)."""
     for stem in FIGURE_STEMS:
         for ext in ("png", "svg"):
             (folder / f"{stem}.{ext}").unlink(missing_ok=True)
+    for path in folder.glob(f"{ATTACK_PREFIX}*.png"):
+        path.unlink()
+
+
+def attack_blocks(inputs: ReportInputs, out: Path) -> list[Block]:
+    """The attack section with its figures copied into out/figures (the HTML inlines them from there)."""
+    if inputs.attack is None:
+        return []
+    blocks: list[Block] = []
+    for b in inputs.attack:
+        if isinstance(b, Figure):
+            source = inputs.attack_root / b.path
+            if not source.is_file():
+                raise UserError(f"{source}: figure of the attack section not found")
+            name = f"{ATTACK_PREFIX}{Path(b.path).name}"
+            atomic_write_bytes(out / FIGURES / name, source.read_bytes())
+            b = Figure(f"{FIGURES}/{name}", b.caption)
+        blocks.append(b)
+    return blocks
+
+
+def make_figures(inputs: ReportInputs, out: Path) -> list[Figure]:
+    """Write the figures into out/figures (removing ours left from an earlier run); return them for the document."""
+    folder, rel = out / FIGURES, FIGURES
+    _clear_figures(folder)
     certified_accuracy_figure(inputs.summary, folder / "certified_accuracy")
     figures = [Figure(f"{rel}/certified_accuracy.png", "Certified accuracy against radius, per σ; dashed: the "
                       "best σ at each radius (the headline table samples this curve).")]
@@ -173,20 +201,20 @@ def make_figures(inputs: ReportInputs, out: Path) -> list[Figure]:
     return figures
 
 
-def build(inputs: ReportInputs, figures: list[Figure]) -> list[Block]:
+def build(inputs: ReportInputs, figures: list[Figure], attack: list[Block]) -> list[Block]:
     s = inputs.summary
     blocks = overview(inputs) + headline(s) + per_sigma(s)
     table = PUBLISHED.get(inputs.dataset)
     if table:
         c = _certify_settings(inputs)
         blocks += published(s, table, c["n"] if c else None)
-    blocks += [Heading("Figures"), *figures]
+    blocks += [Heading("Figures"), *figures, *attack]
     return blocks + settings_blocks(inputs)
 
 
 def write_report(inputs: ReportInputs, out: Path) -> None:
     """Write out/figures/*.png|svg, out/report.md and out/report.html."""
     figures = make_figures(inputs, out)
-    blocks = build(inputs, figures)
+    blocks = build(inputs, figures, attack_blocks(inputs, out))
     atomic_write_text(out / "report.md", to_markdown(blocks))
     atomic_write_text(out / "report.html", to_html(blocks, TITLE, out))

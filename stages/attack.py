@@ -8,11 +8,12 @@ from pathlib import Path
 import torch
 import typer
 
-from dmae.attack_report import Row, examples_figure, markdown, metrics, sigma_label, tradeoff_figure, tradeoff_table
+from dmae.attack_report import Row, examples_figure, metrics, section, sigma_label, tradeoff_figure, tradeoff_table
 from dmae.checkpoint import load_state, save_state
 from dmae.classifier import load_classifier
 from dmae.datasets import load_split, read_meta
 from dmae.defense import Defense, load_denoiser
+from dmae.document import to_json, to_markdown
 from dmae.io import atomic_write_text, write_json, write_tsv
 from dmae.model import config_for
 from dmae.progress import console, progress_bar
@@ -44,8 +45,9 @@ def main(
 
     Writes OUT/metrics.json (accuracy per classifier, test sigma and attack: DVC metrics), OUT/tradeoff.tsv
     (the same as a table: a DVC plot), OUT/tradeoff.png|svg, OUT/adversarial.png|svg (adversarial examples,
-    noisy and denoised), OUT/attack.md (a report section) and OUT/settings.json. Resumes after an
-    interruption from the last finished (classifier, test sigma) row.
+    noisy and denoised), OUT/attack.md and OUT/attack.json (the report's section, as Markdown and as document
+    blocks) and OUT/settings.json. Resumes after an interruption from the last finished (classifier, test sigma)
+    row.
     """
     params, runtime, device = setup(params_path)
     cfg = params.attack
@@ -99,7 +101,8 @@ def main(
     tradeoff_figure(rows, cfg, out / "tradeoff")
     examples_figure(shown, out / "adversarial",
                     title=f"{cfg.figure}: white-box PGD-EOT examples (ε = {sigma_label(cfg.eps)}), noised, denoised")
-    atomic_write_text(out / "attack.md",
-                      markdown(rows, cfg, params.data.dataset, len(x), ["tradeoff.png", "adversarial.png"]))
+    blocks = section(rows, cfg, params.data.dataset, len(x), ["tradeoff.png", "adversarial.png"])
+    atomic_write_text(out / "attack.md", to_markdown(blocks))
+    write_json(out / "attack.json", to_json(blocks))  # the same section, for `dmae report`
     write_settings(out / "settings.json", settings)
     shutil.rmtree(resume.parent, ignore_errors=True)

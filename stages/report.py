@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from dmae.document import Block, from_json
 from dmae.errors import UserError
 from dmae.io import write_json, write_tsv
 from dmae.report import Summary, certify_paths, curve_rows, load_runs, metrics
@@ -29,6 +30,16 @@ def _read_settings(paths: dict[str, Path]) -> tuple[dict[str, dict], list[str]]:
     return found, missing
 
 
+def _read_attack_section(folder: Path) -> list[Block]:
+    path = folder / "attack.json"
+    if not path.is_file():
+        raise UserError(f"{path}: not found (run `dmae attack --out {folder}` first, or leave out --attack-results)")
+    try:
+        return from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise UserError(f"{path}: not a report section written by `dmae attack`: {exc}") from None
+
+
 @user_errors
 def main(
     params_path: Path = PARAMS_OPTION,
@@ -36,9 +47,12 @@ def main(
     pretrain_results: Path = typer.Option(Path("results/pretrain"), help="Pretraining loss and figure."),
     finetune_results: Path = typer.Option(Path("results/finetune"), help="Fine-tuning metrics, sigma-*/."),
     models: Path = typer.Option(Path("models"), help="Models folder (its settings.json files are reported)."),
+    attack_results: Path = typer.Option(
+        None, help="The attack stage's folder: its section (attack.json) and figures are included."),
     out: Path = typer.Option(Path("results/report"), help="Where the report goes."),
 ) -> None:
-    """Summarize the certification of every sigma in params `sigmas` at the radii of params report.radii.
+    """Summarize the certification of every sigma in params `sigmas` at the radii of params report.radii,
+    and with --attack-results the De^3 robustness evaluation.
 
     Writes OUT/metrics.json (DVC metrics), OUT/curves.tsv (certified accuracy against radius: a DVC plot),
     OUT/figures/, OUT/report.md and a self-contained OUT/report.html.
@@ -47,11 +61,13 @@ def main(
     sigmas = sorted(params.sigmas)
     runs = load_runs(certify_paths(certify_dir, sigmas))  # every sigma of params, never a glob
     summary = Summary.of(runs, params.report.radii)
+    attack = _read_attack_section(attack_results) if attack_results else None
 
     settings, missing = _read_settings({
         "pretrain": models / "pretrain" / "settings.json",
         **{f"finetune σ={s:g}": models / "finetune" / f"sigma-{s}" / "settings.json" for s in sigmas},
         **{f"certify σ={s:g}": certify_dir / f"sigma-{s}.settings.json" for s in sigmas},
+        **({"attack": attack_results / "settings.json"} if attack_results else {}),
     })
     pretrain_tsv = pretrain_results / "metrics.tsv"
     finetune_tsvs = {s: finetune_results / f"sigma-{s}" / "metrics.tsv" for s in sigmas}
@@ -64,6 +80,8 @@ def main(
         pretrain_metrics=read_metrics_tsv(pretrain_tsv, PRETRAIN_COLUMNS) if pretrain_tsv.is_file() else None,
         finetune_metrics={s: read_metrics_tsv(p, FINETUNE_COLUMNS) for s, p in finetune_tsvs.items() if p.is_file()},
         reconstructions=reconstructions if reconstructions.is_file() else None,
+        attack=attack,
+        attack_root=attack_results,
     )
 
     write_json(out / "metrics.json", metrics(summary))

@@ -210,7 +210,8 @@ def test_defense_stages_end_to_end_deterministic_and_resumable(tiny_params, monk
     assert len((out / "tradeoff.tsv").read_text().splitlines()) == 1 + 1 + 2 + 2
     for stem in ("tradeoff", "adversarial"):
         assert (out / f"{stem}.png").is_file() and (out / f"{stem}.svg").is_file()
-    first = {f: (out / f).read_bytes() for f in ("metrics.json", "tradeoff.tsv", "attack.md", "tradeoff.svg")}
+    first = {f: (out / f).read_bytes() for f in ("metrics.json", "tradeoff.tsv", "attack.md", "attack.json",
+                                                "tradeoff.svg")}
     assert "| nim | 63.8/255 |" in first["attack.md"].decode()
     assert _invoke("attack").exit_code == 0
     assert first == {f: (out / f).read_bytes() for f in first}

@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from dmae.attack_report import Row, section
 from dmae.certify import HEADER
+from dmae.document import Figure, Heading, Paragraph, Table, from_json, to_json
 from dmae.errors import UserError
 from dmae.report import Summary, certify_paths, load_runs, metrics
+from dmae.robustness import columns
+from dmae.settings import AttackSettings
 from stages.cli import app
 
 # idx, label, predict, radius, correct. Radii 0.25, 0.5, 0.75 and 1.0 sit exactly on grid points; predict -1
@@ -140,13 +144,33 @@ def make_project(root, dataset="cifar10"):
     plt.imsave(root / "results/pretrain/reconstructions.png", np.eye(8))
 
 
-def run_report(root):
+def run_report(root, attack=False):
     args = ["report", "--params", f"{root}/params.yaml"]
     for option, path in [("--certify-dir", "results/certify"), ("--pretrain-results", "results/pretrain"),
                          ("--finetune-results", "results/finetune"), ("--models", "models"),
-                         ("--out", "results/report")]:
+                         ("--out", "results/report")] + [("--attack-results", "results/attack")] * attack:
         args += [option, f"{root}/{path}"]
     return CliRunner().invoke(app, args)
+
+
+def write_attack_results(folder):
+    """What `dmae attack` leaves for the report: its section as document blocks, the figures, settings.json."""
+    cfg = AttackSettings(autoattack=[], eot=2)
+    accuracy = {c: 0.5 for c in columns(cfg)}
+    rows = [Row("undefended", 0.0, False, accuracy), Row("nim", 0.25, True, {**accuracy, "white_pgd_eot": 0.625})]
+    folder.mkdir(parents=True)
+    for stem in ("tradeoff", "adversarial"):
+        plt.imsave(folder / f"{stem}.png", np.eye(4))
+    blocks = section(rows, cfg, "digits", 64, ["tradeoff.png", "adversarial.png"])
+    (folder / "attack.json").write_text(json.dumps(to_json(blocks)))
+    (folder / "settings.json").write_text(json.dumps({"attack": {"eot": 2}}))
+
+
+def test_document_blocks_survive_json():
+    blocks = [Heading("h", 3), Paragraph("p"), Table(["a", "b"], [["x", "1"]], numeric=False), Figure("f.png", "c")]
+    assert from_json(json.loads(json.dumps(to_json(blocks)))) == blocks
+    with pytest.raises(ValueError, match="item 1 is not a document block"):
+        from_json([to_json(blocks)[0], {"kind": "video", "path": "v.mp4"}])
 
 
 def snapshot(folder):
@@ -182,6 +206,40 @@ def test_stage_writes_a_self_contained_deterministic_report(tmp_path):
     result = run_report(tmp_path)
     assert result.exit_code == 0, result.output
     assert snapshot(out) == first  # byte-identical, SVGs included
+
+
+def test_stage_includes_the_attack_section(tmp_path):
+    make_project(tmp_path, dataset="digits")
+    write_attack_results(tmp_path / "results/attack")
+    result = run_report(tmp_path, attack=True)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "results/report"
+    md = (out / "report.md").read_text()
+    assert "## Adversarial robustness: NIM / De³" in md
+    assert re.search(r"\| nim \| 63\.8/255 \|( 50\.0 \|){4} 62\.5 \|", md)  # PGD EOT-2 is the 6th column
+    assert "figures/attack_tradeoff.png" in md and "figures/attack_adversarial.png" in md
+    assert (out / "figures/attack_tradeoff.png").read_bytes() == (tmp_path / "results/attack/tradeoff.png").read_bytes()
+    assert len(re.findall(r"<img ", (out / "report.html").read_text())) == 6
+    assert "attack.eot" in md  # the attack stage's settings join the settings table
+
+    # without the attack results, the section and its copied figures go
+    assert run_report(tmp_path).exit_code == 0
+    assert "Adversarial" not in (out / "report.md").read_text()
+    assert not list((out / "figures").glob("attack_*"))
+
+
+@pytest.mark.parametrize("content, message", [(None, "attack.json: not found"),
+                                              ('[{"kind": "video"}]', "not a report section"),
+                                              ("{", "not a report section")])
+def test_stage_names_a_bad_attack_section(tmp_path, content, message):
+    make_project(tmp_path, dataset="digits")
+    (tmp_path / "results/attack").mkdir(parents=True)
+    if content is not None:
+        (tmp_path / "results/attack/attack.json").write_text(content)
+    result = run_report(tmp_path, attack=True)
+    assert result.exit_code == 2
+    assert message in result.output.replace("\n", "")
+    assert not (tmp_path / "results/report/report.md").exists()  # nothing written
 
 
 def test_stage_names_the_missing_sigma_file(tmp_path):
