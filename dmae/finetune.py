@@ -90,14 +90,15 @@ def finetune(model: Classifier, train_set: Dataset, val_set: Dataset, sigma: flo
     groups = param_groups(model, cfg.weight_decay, cfg.layer_decay, num_layers=model.cfg.arch.depth)
     optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999))
     peak_lr = cfg.base_lr * cfg.batch_size / 256
-    total, warmup = cfg.epochs * steps, cfg.warmup_epochs * steps
+    epochs = cfg.epochs_at(sigma)
+    total, warmup = epochs * steps, cfg.warmup_epochs * steps
 
     done, history = resume_training(state_path, model, optimizer)
     if done:
         console.log(f"resuming fine-tuning (sigma {sigma}) after epoch {done} from {state_path}")
     with progress_bar(progress and dist.is_main(), unit="img") as bar:
-        task = bar.add_task(f"finetune σ={sigma}", total=(cfg.epochs - done) * steps * cfg.batch_size, status="")
-        for epoch in range(done, cfg.epochs):
+        task = bar.add_task(f"finetune σ={sigma}", total=(epochs - done) * steps * cfg.batch_size, status="")
+        for epoch in range(done, epochs):
             torch.manual_seed(derive_seed(cfg.seed, sigma, epoch, dist.rank()))
             rng = np.random.default_rng(derive_seed(cfg.seed, sigma, epoch, "mix", dist.rank()))
             ddp_model.train()
@@ -116,7 +117,7 @@ def finetune(model: Classifier, train_set: Dataset, val_set: Dataset, sigma: flo
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     bar.update(task, advance=cfg.batch_size,
-                               status=f"epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / count:.4f}")
+                               status=f"epoch {epoch + 1}/{epochs} loss {loss_sum / count:.4f}")
             val = evaluate(model, val_set, sigma, device=device, seed=cfg.seed, precision=cfg.precision,
                            inputs=inputs)
             row = {"epoch": epoch + 1, "train_loss": dist.mean_over_ranks(loss_sum / count, device),
@@ -124,7 +125,7 @@ def finetune(model: Classifier, train_set: Dataset, val_set: Dataset, sigma: flo
             history.append(row)
             if dist.is_main():
                 checkpoint_training(state_path, model, optimizer, epoch + 1, history)
-                console.log(f"finetune σ={sigma} epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, "
+                console.log(f"finetune σ={sigma} epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f}, "
                             f"val clean {row['val_clean_acc']:.3f}, noisy {row['val_noisy_acc']:.3f} "
                             f"({time.perf_counter() - t0:.1f} s)")
                 if on_epoch:

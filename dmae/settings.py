@@ -130,7 +130,7 @@ class ConsistencySettings(Section):
 class FinetuneSettings(Section):
     mode: Literal["full", "linear_probe"] = "full"
     init: Literal["pretrained", "scratch"] = "pretrained"
-    epochs: PosInt = 30
+    epochs: PosInt | dict[PosFloat, PosInt] = 30  # one number, or one per sigma (noisier inputs train slower)
     batch_size: PosInt = 128
     accum_steps: PosInt = 1
     base_lr: PosFloat = 5e-4
@@ -151,11 +151,16 @@ class FinetuneSettings(Section):
     def _check(self) -> "FinetuneSettings":
         if self.batch_size % self.accum_steps:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
-        if self.warmup_epochs > self.epochs:
+        fewest = self.epochs if isinstance(self.epochs, int) else min(self.epochs.values(), default=0)
+        if self.warmup_epochs > fewest:
             raise ValueError(f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
         if self.mode == "linear_probe" and self.init == "scratch":
             raise ValueError("a linear probe needs a pretrained encoder: set init to 'pretrained'")
         return self
+
+    def epochs_at(self, sigma: float) -> int:
+        """The number of epochs at noise level sigma (params check that every sigma has one)."""
+        return self.epochs if isinstance(self.epochs, int) else self.epochs[sigma]
 
 
 class CertifySettings(Section):
@@ -286,6 +291,9 @@ class Params(BaseSettings):
         missing = [s for s in self.sigmas if s not in c.eta]
         if c.enabled and missing:
             raise ValueError(f"finetune.consistency.eta has no value for sigma {missing} (sigmas: {self.sigmas})")
+        epochs = self.finetune.epochs
+        if isinstance(epochs, dict) and (missing := [s for s in self.sigmas if s not in epochs]):
+            raise ValueError(f"finetune.epochs has no value for sigma {missing} (sigmas: {self.sigmas})")
         if self.data.image_size > self.model.img_size:
             raise ValueError(f"data.image_size {self.data.image_size} exceeds model.img_size "
                              f"{self.model.img_size}: images are only ever upsampled to the model input")
@@ -305,6 +313,9 @@ class Params(BaseSettings):
                 if value is not None and value not in models:
                     raise ValueError(f"defense.classifiers.{name}.{key} = {value!r}: not a pretrained model "
                                      f"(known: {', '.join(models)})")
+        if not isinstance(self.defense_finetune().epochs, int):
+            raise ValueError("defense.finetune.epochs: the De^3 classifiers train on a range of sigmas and need "
+                             "one number of epochs, not one per sigma")
         if self.defense_finetune().consistency.enabled:
             raise ValueError("defense.finetune.consistency.enabled: De^3 fine-tuning sees one view per image; "
                              "set it to false")

@@ -33,6 +33,10 @@ BAD = [
     ({"certify": {"n": "many"}}, "certify.n = 'many'"),
     ({"finetune": {"mode": "linear_probe", "init": "scratch"}}, "a linear probe needs a pretrained encoder"),
     ({"data": {"image_size": 32}}, "data.image_size 32 exceeds model.img_size 16"),
+    ({"finetune": {"epochs": {0.25: 10, 0.5: 10}}}, "finetune.epochs has no value for sigma [1.0]"),
+    ({"finetune": {"epochs": {0.25: 9, 0.5: 2, 1.0: 9}, "warmup_epochs": 3}}, "warmup_epochs 3.0 exceeds epochs {0.25: 9, 0.5: 2"),
+    ({"defense": {"finetune": {"epochs": {0.25: 5}, "consistency": {"enabled": False}}}},
+     "defense.finetune.epochs: the De^3 classifiers"),
 ]
 
 
@@ -48,6 +52,13 @@ def test_bad_values_name_key_and_value(raw, message):
         parse_params(raw, source="params.yaml")
     assert message in str(err.value)
     assert str(err.value).startswith("params.yaml: invalid settings")
+
+
+def test_finetune_epochs_per_sigma():
+    params = parse_params({"finetune": {"epochs": {0.25: 10, 0.5: 20, 1.0: 40}},
+                           "defense": {"finetune": {"epochs": 5, "consistency": {"enabled": False}}}})
+    assert [params.finetune.epochs_at(s) for s in params.sigmas] == [10, 20, 40]
+    assert params.defense_finetune().epochs_at(0.1) == 5
 
 
 def test_missing_and_malformed_files(tmp_path):

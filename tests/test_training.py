@@ -75,6 +75,16 @@ def test_finetune_resume_equals_uninterrupted(digits_dir, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_finetune_runs_the_epochs_of_its_sigma(digits_dir, tmp_path):
+    meta = read_meta(digits_dir)
+    train = Subset(load_split(digits_dir, "train"), range(32))
+    cfg = FinetuneSettings(epochs={0.5: 1, 1.0: 2}, batch_size=32, warmup_epochs=0)
+    model = Classifier(config_for(ModelSettings(), meta), meta["num_classes"])
+    hist = finetune(model, train, train, 1.0, cfg, device=torch.device("cpu"), state_path=tmp_path / "s.pt",
+                    progress=False)
+    assert [row["epoch"] for row in hist] == [1, 2]
+
+
 def test_consistency_loss_hand_computed():
     logits = torch.tensor([[[2.0, 0.0]], [[0.0, 0.0]]])  # m=2 copies of one example, 2 classes
     targets = torch.tensor([[1.0, 0.0]])
