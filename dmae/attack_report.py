@@ -71,7 +71,7 @@ def tradeoff_figure(rows: list[Row], cfg: AttackSettings, stem: Path) -> list[Pa
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy (%)")
     axes[0][-1].legend(frameon=False, fontsize=8)
-    fig.suptitle(f"De³: accuracy against test-time noise, ℓ∞ ε = {sigma_label(cfg.eps)}", fontsize=10)
+    fig.suptitle(f"De³: accuracy against test-time noise, ℓ∞ ε = {sigma_label(cfg.eps)}", fontsize=10, y=1.02)
     return save_figure(fig, stem)
 
 
