@@ -70,7 +70,7 @@ def tradeoff_figure(rows: list[Row], cfg: AttackSettings, stem: Path) -> list[Pa
         ax.set(title=names[column], xlabel="test σ (×1/255)", ylim=(0, 100))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy (%)")
-    axes[0][-1].legend(frameon=False, fontsize=8)
+    axes[0][-1].legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the panels
     fig.suptitle(f"De³: accuracy against test-time noise, ℓ∞ ε = {sigma_label(cfg.eps)}", fontsize=10, y=1.02)
     return save_figure(fig, stem)
 
