@@ -100,6 +100,10 @@ def section(rows: list[Row], cfg: AttackSettings, dataset: str, examples: int, f
             "defense's outputs. Every entry is the accuracy (%) of one noise draw of the defense. Without "
             "noise (σ = none) a model is deterministic: EOT and gray-box equal the white-box attacks, and "
             "AutoAttack rand does not apply (—)."),
+        *([Paragraph(
+            "AutoAttack keeps a perturbation only for points that one forward pass shows misclassified and returns "
+            "the clean image for the others: against a randomized defense its accuracy is an upper bound, and the "
+            "EOT columns are the ones to trust.")] if cfg.autoattack else []),
         Table(["classifier", "test σ", *(names[c] for c in cols)],
               [[r.classifier, sigma_label(r.sigma),
                 *("—" if r.accuracy[c] is None else f"{100 * r.accuracy[c]:.1f}" for c in cols)] for r in rows]),

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from dmae.attack_report import Row, section
 from dmae.certify import HEADER
-from dmae.document import Figure, Heading, Paragraph, Table, from_json, to_json
+from dmae.document import Figure, Heading, Paragraph, Table, from_json, to_json, to_markdown
 from dmae.errors import UserError
 from dmae.report import Summary, certify_paths, load_runs, metrics
 from dmae.robustness import columns
@@ -164,6 +164,14 @@ def write_attack_results(folder):
     blocks = section(rows, cfg, "digits", 64, ["tradeoff.png", "adversarial.png"])
     (folder / "attack.json").write_text(json.dumps(to_json(blocks)))
     (folder / "settings.json").write_text(json.dumps({"attack": {"eot": 2}}))
+
+
+def test_attack_section_warns_about_autoattack_only_when_run():
+    for autoattack in ([], ["standard", "rand"]):
+        cfg = AttackSettings(autoattack=autoattack)
+        rows = [Row("nim", 0.25, True, {c: 0.5 for c in columns(cfg)})]
+        text = to_markdown(section(rows, cfg, "digits", 8, ["t.png", "a.png"]))
+        assert ("its accuracy is an upper bound" in text) == bool(autoattack)
 
 
 def test_document_blocks_survive_json():
