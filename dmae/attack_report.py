@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import torch
 
 from dmae.document import Block, Figure, Heading, Paragraph, Table
-from dmae.figures import image_grid, save_figure
+from dmae.figures import save_figure
 from dmae.robustness import columns
 from dmae.settings import AttackSettings
 
@@ -73,10 +72,6 @@ def tradeoff_figure(rows: list[Row], cfg: AttackSettings, stem: Path) -> list[Pa
     axes[0][-1].legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the panels
     fig.suptitle(f"De³: accuracy against test-time noise, ℓ∞ ε = {sigma_label(cfg.eps)}", fontsize=10, y=1.02)
     return save_figure(fig, stem)
-
-
-def examples_figure(images: dict[str, torch.Tensor], stem: Path, title: str) -> list[Path]:
-    return image_grid(images, stem, title=title)
 
 
 def section(rows: list[Row], cfg: AttackSettings, dataset: str, examples: int, figures: list[str]) -> list[Block]:

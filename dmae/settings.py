@@ -287,17 +287,19 @@ class Params(BaseSettings):
     def _check(self) -> "Params":
         if len(set(self.sigmas)) != len(self.sigmas):
             raise ValueError(f"sigmas has duplicates: {self.sigmas}")
-        c = self.finetune.consistency
-        missing = [s for s in self.sigmas if s not in c.eta]
-        if c.enabled and missing:
-            raise ValueError(f"finetune.consistency.eta has no value for sigma {missing} (sigmas: {self.sigmas})")
-        epochs = self.finetune.epochs
-        if isinstance(epochs, dict) and (missing := [s for s in self.sigmas if s not in epochs]):
-            raise ValueError(f"finetune.epochs has no value for sigma {missing} (sigmas: {self.sigmas})")
+        if self.finetune.consistency.enabled:
+            self._check_per_sigma("finetune.consistency.eta", self.finetune.consistency.eta)
+        if isinstance(self.finetune.epochs, dict):
+            self._check_per_sigma("finetune.epochs", self.finetune.epochs)
         if self.data.image_size > self.model.img_size:
             raise ValueError(f"data.image_size {self.data.image_size} exceeds model.img_size "
                              f"{self.model.img_size}: images are only ever upsampled to the model input")
         return self
+
+    def _check_per_sigma(self, key: str, values: dict[float, Any]) -> None:
+        missing = [s for s in self.sigmas if s not in values]
+        if missing:
+            raise ValueError(f"{key} has no value for sigma {missing} (sigmas: {self.sigmas})")
 
     @model_validator(mode="after")
     def _check_defense(self) -> "Params":
@@ -313,10 +315,11 @@ class Params(BaseSettings):
                 if value is not None and value not in models:
                     raise ValueError(f"defense.classifiers.{name}.{key} = {value!r}: not a pretrained model "
                                      f"(known: {', '.join(models)})")
-        if not isinstance(self.defense_finetune().epochs, int):
+        finetune = self.defense_finetune()
+        if not isinstance(finetune.epochs, int):
             raise ValueError("defense.finetune.epochs: the De^3 classifiers train on a range of sigmas and need "
                              "one number of epochs, not one per sigma")
-        if self.defense_finetune().consistency.enabled:
+        if finetune.consistency.enabled:
             raise ValueError("defense.finetune.consistency.enabled: De^3 fine-tuning sees one view per image; "
                              "set it to false")
         figure = d.classifiers.get(self.attack.figure)

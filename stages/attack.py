@@ -8,12 +8,13 @@ from pathlib import Path
 import torch
 import typer
 
-from dmae.attack_report import Row, examples_figure, metrics, section, sigma_label, tradeoff_figure, tradeoff_table
+from dmae.attack_report import Row, metrics, section, sigma_label, tradeoff_figure, tradeoff_table
 from dmae.checkpoint import load_state, save_state
 from dmae.classifier import load_classifier
 from dmae.datasets import load_split, read_meta
 from dmae.defense import Defense, load_denoiser
 from dmae.document import to_json, to_markdown
+from dmae.figures import image_grid
 from dmae.io import atomic_write_text, write_json, write_tsv
 from dmae.model import config_for
 from dmae.progress import console, progress_bar
@@ -99,8 +100,8 @@ def main(
     table, columns = tradeoff_table(rows, cfg)
     write_tsv(out / "tradeoff.tsv", table, columns)
     tradeoff_figure(rows, cfg, out / "tradeoff")
-    examples_figure(shown, out / "adversarial",
-                    title=f"{cfg.figure}: white-box PGD-EOT examples (ε = {sigma_label(cfg.eps)}), noised, denoised")
+    image_grid(shown, out / "adversarial",
+               title=f"{cfg.figure}: white-box PGD-EOT examples (ε = {sigma_label(cfg.eps)}), noised, denoised")
     blocks = section(rows, cfg, params.data.dataset, len(x), ["tradeoff.png", "adversarial.png"])
     atomic_write_text(out / "attack.md", to_markdown(blocks))
     write_json(out / "attack.json", to_json(blocks))  # the same section, for `dmae report`

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from dmae.document import Block, from_json
+from dmae.document import Block, Figure, from_json
 from dmae.errors import UserError
 from dmae.io import write_json, write_tsv
 from dmae.report import Summary, certify_paths, curve_rows, load_runs, metrics
@@ -35,9 +35,13 @@ def _read_attack_section(folder: Path) -> list[Block]:
     if not path.is_file():
         raise UserError(f"{path}: not found (run `dmae attack --out {folder}` first, or leave out --attack-results)")
     try:
-        return from_json(json.loads(path.read_text(encoding="utf-8")))
+        blocks = from_json(json.loads(path.read_text(encoding="utf-8")))
     except (json.JSONDecodeError, ValueError) as exc:
         raise UserError(f"{path}: not a report section written by `dmae attack`: {exc}") from None
+    for figure in (b for b in blocks if isinstance(b, Figure)):
+        if not (folder / figure.path).is_file():
+            raise UserError(f"{folder / figure.path}: figure of {path} not found")
+    return blocks
 
 
 @user_errors

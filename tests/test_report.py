@@ -238,7 +238,9 @@ def test_stage_includes_the_attack_section(tmp_path):
 
 @pytest.mark.parametrize("content, message", [(None, "attack.json: not found"),
                                               ('[{"kind": "video"}]', "not a report section"),
-                                              ("{", "not a report section")])
+                                              ("{", "not a report section"),
+                                              ('[{"kind": "figure", "path": "t.png", "caption": "c"}]',
+                                               "t.png: figure of")])
 def test_stage_names_a_bad_attack_section(tmp_path, content, message):
     make_project(tmp_path, dataset="digits")
     (tmp_path / "results/attack").mkdir(parents=True)
