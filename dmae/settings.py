@@ -12,10 +12,11 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from dmae.errors import UserError
-from dmae.presets import PRESETS
+from dmae.models.architectures import ARCHITECTURES
+from dmae.models.autoencoder import ModelConfig
+from dmae.util.errors import UserError
 
 PosInt = Annotated[int, Field(ge=1)]
 PosFloat = Annotated[float, Field(gt=0)]
@@ -29,13 +30,22 @@ class Section(BaseModel):
 
 
 class DataSettings(Section):
-    dataset: Literal["digits", "cifar10", "imagenet"] = "digits"
-    root: str = "data/raw"
-    download: bool = False
-    image_size: PosInt = 16
-    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
-    test_every: PosInt = 1
-    seed: int = 0
+    dataset: Literal["digits", "cifar10", "imagenet"]
+    root: str
+    download: bool
+    image_size: PosInt
+    val_fraction: Annotated[float, Field(gt=0, lt=1)]
+    test_every: PosInt
+    seed: int
+
+    def prepare_options(self) -> dict:
+        """The keyword options of this data set's prepare function (dmae.data.prepare_dataset)."""
+        common = {"val_fraction": self.val_fraction, "seed": self.seed, "test_every": self.test_every}
+        if self.dataset == "digits":
+            return {**common, "image_size": self.image_size}
+        if self.dataset == "cifar10":
+            return {**common, "root": self.root, "download": self.download}
+        return {**common, "root": self.root, "image_size": self.image_size}
 
     @model_validator(mode="after")
     def _check(self) -> "DataSettings":
@@ -46,14 +56,20 @@ class DataSettings(Section):
 
 
 class ModelSettings(Section):
-    preset: str = "tiny"
-    img_size: PosInt = 16
-    patch_size: PosInt = 4
+    preset: str
+    img_size: PosInt
+    patch_size: PosInt
+
+    def config(self, meta: dict) -> ModelConfig:
+        """The model config for a prepared data set: architecture from here, channels and normalization from its
+        meta.json."""
+        return ModelConfig(preset=self.preset, img_size=self.img_size, patch_size=self.patch_size,
+                           in_chans=int(meta["channels"]), mean=tuple(meta["mean"]), std=tuple(meta["std"]))
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSettings":
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset: unknown preset {self.preset!r}; known presets: {', '.join(PRESETS)}")
+        if self.preset not in ARCHITECTURES:
+            raise ValueError(f"preset: unknown preset {self.preset!r}; known presets: {', '.join(ARCHITECTURES)}")
         if self.img_size % self.patch_size:
             raise ValueError(
                 f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
@@ -66,13 +82,13 @@ class NoiseSettings(Section):
     Values are in [0,1] pixel units, or in 0-255 units when `per255` is true (as the NIM paper states them).
     """
 
-    dist: Literal["none", "fixed", "uniform", "gamma"] = "fixed"
-    sigma: NonNegFloat = 0.25
-    low: NonNegFloat = 0.0
-    high: NonNegFloat = 0.0
-    shape: PosFloat = 25.0
-    scale: PosFloat = 3.0
-    per255: bool = False
+    dist: Literal["none", "fixed", "uniform", "gamma"]
+    sigma: NonNegFloat
+    low: NonNegFloat
+    high: NonNegFloat
+    shape: PosFloat
+    scale: PosFloat
+    per255: bool
 
     @model_validator(mode="after")
     def _check(self) -> "NoiseSettings":
@@ -82,21 +98,21 @@ class NoiseSettings(Section):
 
 
 class PretrainSettings(Section):
-    task: Literal["dmae", "nim", "mae"] = "dmae"
-    mask_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.75
-    noise: NoiseSettings = NoiseSettings()
-    norm_pix_loss: bool = True
-    epochs: Annotated[int, Field(ge=0)] = 40  # 0: use init_from as it is (e.g. a released model)
-    batch_size: PosInt = 128
-    accum_steps: PosInt = 1
-    base_lr: PosFloat = 1.5e-4
-    weight_decay: NonNegFloat = 0.05
-    warmup_epochs: NonNegFloat = 4
-    min_lr: NonNegFloat = 0.0
-    augment: Literal["none", "flip", "rrc_flip"] = "none"
-    precision: Precision = "fp32"
-    init_from: str | None = None
-    seed: int = 0
+    task: Literal["dmae", "nim", "mae"]
+    mask_ratio: Annotated[float, Field(ge=0, lt=1)]
+    noise: NoiseSettings
+    norm_pix_loss: bool
+    epochs: Annotated[int, Field(ge=0)]  # 0: use init_from as it is (e.g. a released model)
+    batch_size: PosInt
+    accum_steps: PosInt
+    base_lr: PosFloat
+    weight_decay: NonNegFloat
+    warmup_epochs: NonNegFloat
+    min_lr: NonNegFloat
+    augment: Literal["none", "flip", "rrc_flip"]
+    precision: Precision
+    init_from: str | None
+    seed: int
 
     @model_validator(mode="after")
     def _check(self) -> "PretrainSettings":
@@ -121,31 +137,31 @@ class PretrainSettings(Section):
 class ConsistencySettings(Section):
     """Consistency regularization (Jeong & Shin 2020): m noisy copies, KL weight lam, entropy weight eta."""
 
-    enabled: bool = True
-    m: Annotated[int, Field(ge=2)] = 2
-    lam: NonNegFloat = 2.0
-    eta: dict[float, NonNegFloat] = {0.25: 0.5, 0.5: 0.5, 1.0: 0.1}
+    enabled: bool
+    m: Annotated[int, Field(ge=2)]
+    lam: NonNegFloat
+    eta: dict[float, NonNegFloat]
 
 
 class FinetuneSettings(Section):
-    mode: Literal["full", "linear_probe"] = "full"
-    init: Literal["pretrained", "scratch"] = "pretrained"
-    epochs: PosInt | dict[PosFloat, PosInt] = 30  # one number, or one per sigma (noisier inputs train slower)
-    batch_size: PosInt = 128
-    accum_steps: PosInt = 1
-    base_lr: PosFloat = 5e-4
-    layer_decay: Annotated[float, Field(gt=0, le=1)] = 0.65
-    weight_decay: NonNegFloat = 0.05
-    drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    mixup: NonNegFloat = 0.0
-    cutmix: NonNegFloat = 0.0
-    warmup_epochs: NonNegFloat = 3
-    min_lr: NonNegFloat = 1e-6
-    augment: Literal["none", "flip", "rrc_flip"] = "none"
-    consistency: ConsistencySettings = ConsistencySettings()
-    precision: Precision = "fp32"
-    seed: int = 0
+    mode: Literal["full", "linear_probe"]
+    init: Literal["pretrained", "scratch"]
+    epochs: PosInt | dict[PosFloat, PosInt]  # one number, or one per sigma (noisier inputs train slower)
+    batch_size: PosInt
+    accum_steps: PosInt
+    base_lr: PosFloat
+    layer_decay: Annotated[float, Field(gt=0, le=1)]
+    weight_decay: NonNegFloat
+    drop_path: Annotated[float, Field(ge=0, lt=1)]
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)]
+    mixup: NonNegFloat
+    cutmix: NonNegFloat
+    warmup_epochs: NonNegFloat
+    min_lr: NonNegFloat
+    augment: Literal["none", "flip", "rrc_flip"]
+    consistency: ConsistencySettings
+    precision: Precision
+    seed: int
 
     @model_validator(mode="after")
     def _check(self) -> "FinetuneSettings":
@@ -164,16 +180,16 @@ class FinetuneSettings(Section):
 
 
 class CertifySettings(Section):
-    n0: PosInt = 100
-    n: PosInt = 1000
-    alpha: Annotated[float, Field(gt=0, lt=1)] = 0.001
-    batch_size: PosInt = 1000
-    precision: Precision = "fp32"
-    seed: int = 0
+    n0: PosInt
+    n: PosInt
+    alpha: Annotated[float, Field(gt=0, lt=1)]
+    batch_size: PosInt
+    precision: Precision
+    seed: int
 
 
 class ReportSettings(Section):
-    radii: Annotated[list[NonNegFloat], Field(min_length=1)] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    radii: Annotated[list[NonNegFloat], Field(min_length=1)]
 
 
 Name = Annotated[str, Field(pattern=r"^[a-z0-9_]+$")]  # names that become folder names
@@ -181,11 +197,14 @@ MAIN_DENOISER = "dmae"  # the denoiser name of the main `pretrain` output
 
 
 def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """`base` with `overrides` merged in: nested mappings merged key by key, anything else replaced."""
+    """`base` with `overrides` merged in: sections (mappings with named keys) merged key by key; anything else,
+    per-sigma tables such as finetune.epochs included, replaced whole."""
+    def section(value) -> bool:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+
     out = dict(base)
     for key, value in overrides.items():
-        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = deep_merge(out[key], value) if nested else value
+        out[key] = deep_merge(out[key], value) if section(value) and section(out.get(key)) else value
     return out
 
 
@@ -198,9 +217,9 @@ class DefendedClassifier(Section):
     output) or a key of defense.denoisers.
     """
 
-    input: Literal["clean", "noisy", "denoised"] = "denoised"
-    encoder: Name = "nim"
-    denoiser: Name | None = "nim"
+    input: Literal["clean", "noisy", "denoised"]
+    encoder: Name
+    denoiser: Name | None
 
     @model_validator(mode="after")
     def _check(self) -> "DefendedClassifier":
@@ -212,45 +231,36 @@ class DefendedClassifier(Section):
 class DefenseSettings(Section):
     """NIM / De^3: denoisers pretrained as variants of `pretrain`, and the classifiers fine-tuned for them."""
 
-    denoisers: dict[Name, dict[str, Any]] = {
-        "nim": {"task": "nim", "mask_ratio": 0.0,
-                "noise": {"dist": "gamma", "shape": 25.0, "scale": 3.0, "per255": True}},
-        "mae": {"task": "mae", "noise": {"dist": "none"}},
-    }
-    classifiers: dict[Name, DefendedClassifier] = {
-        "undefended": DefendedClassifier(input="clean", encoder="nim", denoiser=None),
-        "nim": DefendedClassifier(encoder="nim", denoiser="nim"),
-        "mae": DefendedClassifier(encoder="mae", denoiser="mae"),
-        "dmae": DefendedClassifier(encoder="dmae", denoiser="dmae"),
-    }
-    train_sigma_max: Probability = 30 / 255
-    finetune: dict[str, Any] = {"consistency": {"enabled": False}}
+    denoisers: dict[Name, dict[str, Any]]  # name -> keys of `pretrain` it overrides
+    classifiers: dict[Name, DefendedClassifier]
+    train_sigma_max: Probability
+    finetune: dict[str, Any]  # keys of `finetune` the De^3 classifiers override
 
 
 class PGDSettings(Section):
-    steps: PosInt = 10
-    step_size: Probability = 2 / 255
-    random_start: bool = True
+    steps: PosInt
+    step_size: Probability
+    random_start: bool
 
 
 class SquareSettings(Section):
-    queries: PosInt = 5000
-    p_init: Annotated[float, Field(gt=0, le=1)] = 0.8
+    queries: PosInt
+    p_init: Annotated[float, Field(gt=0, le=1)]
 
 
 class AttackSettings(Section):
     """l-infinity attacks on every classifier of defense.classifiers, through its defense at each test sigma."""
 
-    examples: PosInt = 100
-    batch_size: PosInt = 100
-    test_sigmas: list[NonNegFloat] = [0.0, 70 / 255, 140 / 255]
-    eps: Probability = 4 / 255
-    pgd: PGDSettings = PGDSettings()
-    eot: PosInt = 8
-    square: SquareSettings = SquareSettings()
-    autoattack: list[Literal["standard", "rand"]] = ["standard", "rand"]
-    figure: Name = "nim"
-    seed: int = 0
+    examples: PosInt
+    batch_size: PosInt
+    test_sigmas: list[NonNegFloat]
+    eps: Probability
+    pgd: PGDSettings
+    eot: PosInt
+    square: SquareSettings
+    autoattack: list[Literal["standard", "rand"]]
+    figure: Name
+    seed: int
 
     @model_validator(mode="after")
     def _check(self) -> "AttackSettings":
@@ -263,25 +273,18 @@ class AttackSettings(Section):
         return self
 
 
-class Params(BaseSettings):
-    """All of params.yaml. Built only from the file: environment variables never change a result."""
+class Params(Section):
+    """All of params.yaml, the one place of every setting that changes a result (no field has a default)."""
 
-    model_config = SettingsConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    sigmas: Annotated[list[PosFloat], Field(min_length=1)] = [0.25, 0.5, 1.0]
-    data: DataSettings = DataSettings()
-    model: ModelSettings = ModelSettings()
-    pretrain: PretrainSettings = PretrainSettings()
-    finetune: FinetuneSettings = FinetuneSettings()
-    certify: CertifySettings = CertifySettings()
-    report: ReportSettings = ReportSettings()
-    defense: DefenseSettings = DefenseSettings()
-    attack: AttackSettings = AttackSettings()
-
-    @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings: PydanticBaseSettingsSource,
-                                   env_settings, dotenv_settings, file_secret_settings):
-        return (init_settings,)  # params.yaml only: no environment, .env or secrets source
+    sigmas: Annotated[list[PosFloat], Field(min_length=1)]
+    data: DataSettings
+    model: ModelSettings
+    pretrain: PretrainSettings
+    finetune: FinetuneSettings
+    certify: CertifySettings
+    report: ReportSettings
+    defense: DefenseSettings
+    attack: AttackSettings
 
     @model_validator(mode="after")
     def _check(self) -> "Params":
@@ -332,15 +335,15 @@ class Params(BaseSettings):
         """Pretraining settings of a denoiser: `pretrain` for 'dmae', else `pretrain` with its overrides."""
         if name == MAIN_DENOISER:
             return self.pretrain
-        return _merged(self.pretrain, self.defense.denoisers[name], f"defense.denoisers.{name}")
+        return merged(self.pretrain, self.defense.denoisers[name], f"defense.denoisers.{name}")
 
     def defense_finetune(self) -> FinetuneSettings:
         """Fine-tuning settings of the De^3 classifiers: `finetune` with defense.finetune's overrides."""
-        return _merged(self.finetune, self.defense.finetune, "defense.finetune")
+        return merged(self.finetune, self.defense.finetune, "defense.finetune")
 
 
-def _merged(base: Section, overrides: dict[str, Any], key: str) -> Section:
-    """`base` with `overrides` deep-merged in, validated as base's class; errors name key.field."""
+def merged(base: Section, overrides: dict[str, Any], key: str) -> Section:
+    """`base` with `overrides` deep-merged in, validated as base's class; errors (ValueError) name key.field."""
     try:
         return type(base).model_validate(deep_merge(base.model_dump(), overrides))
     except ValidationError as exc:
@@ -364,9 +367,12 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.is_file():
         raise UserError(f"{path}: params file not found (run from the project root or pass --params)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML: {exc}") from None
+    if raw is None:
+        raise UserError(f"{path}: holds no settings (empty or only comments); every section is required, "
+                        f"e.g. copy the project's params.yaml or one of presets/")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections at the top level")
     return parse_params(raw, source=str(path))

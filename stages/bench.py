@@ -8,10 +8,10 @@ import torch
 import typer
 from rich.console import Console
 
-from dmae.bench import TARGETS, rich_table, run_bench, write_report
-from dmae.errors import UserError
-from dmae.settings import Runtime, load_runtime
-from stages.common import user_errors
+from dmae.settings import Runtime, load_params, load_runtime
+from dmae.util.errors import UserError
+from stages.common import PARAMS_OPTION, user_errors
+from tools.bench import TARGETS, rich_table, run_bench, write_report
 
 
 def _device(name: str | None, runtime: Runtime) -> torch.device:
@@ -36,17 +36,20 @@ def main(
     train_batch: int = typer.Option(None, min=1, help="Training batch size (default: per preset)."),
     rounds: int = typer.Option(None, min=1, help="Timed rounds; each figure is the best (default: per preset)."),
     out: Path = typer.Option(Path("bench.md"), help="Markdown table; the full report goes beside it as .json."),
+    params_path: Path = PARAMS_OPTION,
 ) -> None:
     """Measure certification (the engine and a locuslab/smoothing-style loop), pretraining and fine-tuning steps,
-    and a large matrix product, side by side in one run; print the table and write it to OUT."""
+    and a large matrix product, side by side in one run; print the table and write it to OUT. The training steps
+    use the pretrain and finetune settings of the params file at the bench's batch size."""
     if preset not in TARGETS:
         raise UserError(f"--preset {preset!r}: expected one of {', '.join(TARGETS)}")
+    params = load_params(params_path)
     runtime = load_runtime()
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
     overrides = {k: v for k, v in {"n": n, "n0": n0, "images": images, "batch_size": batch_size,
                                    "train_batch": train_batch, "rounds": rounds}.items() if v is not None}
-    report = run_bench(preset, device=_device(device, runtime), quick=quick, compile=compile,
+    report = run_bench(preset, params, device=_device(device, runtime), quick=quick, compile=compile,
                        progress=runtime.progress, **overrides)
     Console().print(rich_table(report))
     for path in write_report(report, out):

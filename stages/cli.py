@@ -1,13 +1,12 @@
-"""The `dmae` command: one sub-command per pipeline stage (what `dvc repro` runs, runnable by hand)."""
+"""The `dmae` command: one sub-command per pipeline stage (what `dvc repro` runs, runnable by hand), plus the
+commands beside the pipeline (import-checkpoint, use-preset, bench)."""
 
 from __future__ import annotations
 
 import typer
 
-from stages import certify, finetune, prepare, pretrain, report
-from stages import import_checkpoint, use_preset
-from stages import attack, finetune_defense
-from stages import bench
+from stages import (attack, bench, certify, finetune, finetune_defense, import_checkpoint, prepare, pretrain, report,
+                    use_preset)
 
 app = typer.Typer(
     help="dmae: denoising (masked) autoencoders for certified and adversarial robustness.\n\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -12,11 +13,11 @@ from typing import Callable
 import torch
 import typer
 
-from dmae.errors import UserError
-from dmae.io import dumps_json, write_json
-from dmae.progress import console
-from dmae.seeding import derive_seed
 from dmae.settings import Params, Runtime, load_params, load_runtime
+from dmae.util.errors import UserError
+from dmae.util.io import dumps_json, write_json
+from dmae.util.progress import console
+from dmae.util.seeding import derive_seed
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="The params file to read.")
 STATE_ROOT = Path(".dmae-state")  # resume checkpoints: outside DVC outs, so `dvc repro` does not delete them
@@ -65,6 +66,11 @@ def resolved(params: Params, sections: list[str], **extra) -> dict:
     return {**out, **extra}
 
 
+def check_sigma(sigma: float, sigmas: list[float]) -> None:
+    if sigma not in sigmas:
+        raise UserError(f"--sigma {sigma} is not one of params sigmas {sigmas}")
+
+
 def write_settings(path: Path, settings: dict) -> None:
     """The resolved settings a stage ran with, beside its outputs (no paths or times: DVC hashes this)."""
     write_json(path, settings)
@@ -74,3 +80,8 @@ def state_path(stage: str, settings: dict) -> Path:
     """Resume file for a stage, keyed by a hash of its settings, so a changed param never resumes stale work."""
     digest = f"{derive_seed(dumps_json(settings)):016x}"
     return Path(os.environ.get("DMAE_STATE_DIR", STATE_ROOT)) / stage / digest / "state.pt"
+
+
+def discard_state(state_path: Path) -> None:
+    """Remove a finished stage's resume folder."""
+    shutil.rmtree(state_path.parent, ignore_errors=True)

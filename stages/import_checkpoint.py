@@ -11,9 +11,9 @@ from pathlib import Path
 
 import typer
 
-from dmae.errors import UserError
-from dmae.import_checkpoint import import_checkpoint, model_config
-from dmae.progress import console
+from dmae.models.imports import import_checkpoint, model_config
+from dmae.util.errors import UserError
+from dmae.util.progress import console
 from stages.common import user_errors
 
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import typer
 
-from dmae.errors import UserError
-from dmae.io import atomic_write_text
-from dmae.progress import console
 from dmae.settings import load_params
+from dmae.util.errors import UserError
+from dmae.util.io import atomic_write_text
+from dmae.util.progress import console
 from stages.common import user_errors
 
 PRESETS_DIR = Path("presets")

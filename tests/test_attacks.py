@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from dmae.attacks import autoattack, fgsm, input_gradient, pgd, robust_accuracy, square_attack
-from dmae.errors import UserError
+from dmae.defense.attacks import autoattack, fgsm, input_gradient, pgd, robust_accuracy, square_attack
+from dmae.util.errors import UserError
 
 N_CLASSES = 4
 

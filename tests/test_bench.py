@@ -11,13 +11,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-from dmae.accel import Compiled, largest_batch
-from dmae.bench import COLUMNS, fused_attention, reference_certify
-from dmae.classifier import Classifier
-from dmae.flops import autoencoder_flops, classifier_flops
-from dmae.model import DenoisingMAE, ModelConfig
+from dmae.models.autoencoder import DenoisingMAE, ModelConfig
+from dmae.models.classifier import Classifier
 from dmae.smoothing import ESTIMATION, NOISE_BLOCK, Smooth, block_seed
+from dmae.util.accel import Compiled, largest_batch
 from stages.cli import app
+from tools.bench import COLUMNS, fused_attention, reference_certify
+from tools.flops import autoencoder_flops, classifier_flops
 
 TINY = ModelConfig("tiny", 16, 4, 1, (0.5,), (0.25,))
 

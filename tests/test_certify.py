@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from dmae.certify import (
+from dmae.smoothing import Smooth
+from dmae.smoothing.certify import (
     HEADER,
     CertifyRow,
     certify_examples,
@@ -13,8 +14,7 @@ from dmae.certify import (
     work_path,
     write_certify_tsv,
 )
-from dmae.errors import UserError
-from dmae.smoothing import Smooth
+from dmae.util.errors import UserError
 
 ARGS = {"n0": 16, "n": 128, "alpha": 0.01, "batch_size": 50, "progress": False}
 

@@ -17,9 +17,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 
-from dmae.datasets import load_split, prepare_dataset, read_meta
-from dmae.datasets.cifar10 import safe_unpickle
-from dmae.errors import UserError
+from dmae.data import load_split, prepare_dataset, read_meta
+from dmae.data.cifar10 import safe_unpickle
+from dmae.util.errors import UserError
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:

@@ -7,17 +7,19 @@ import pytest
 import torch
 import yaml
 
-from dmae.attacks import input_gradient
-from dmae.classifier import Classifier
-from dmae.defense import Defense, TrainingInputs
-from dmae.errors import UserError
-from dmae.model import DenoisingMAE, ModelConfig
-from dmae.robustness import columns, craft, evaluate
-from dmae.settings import AttackSettings, parse_params
+from dmae.defense import robustness
+from dmae.defense.attacks import input_gradient
+from dmae.defense.chain import Defense, DefenseInputs
+from dmae.defense.robustness import columns, craft, evaluate_defense
+from dmae.models.autoencoder import DenoisingMAE, ModelConfig
+from dmae.models.classifier import Classifier
+from dmae.settings import deep_merge, parse_params
+from dmae.util.errors import UserError
+from tests.conftest import params_with, settings
 
 CFG = ModelConfig("tiny", 16, 4, 1, (0.3,), (0.3,))
-ATTACK = AttackSettings(examples=4, batch_size=3, test_sigmas=[0.0, 0.25], eps=8 / 255, eot=3,
-                        pgd={"steps": 2, "step_size": 4 / 255}, square={"queries": 6}, autoattack=[])
+ATTACK = settings("attack", examples=4, batch_size=3, test_sigmas=[0.0, 0.25], eps=8 / 255, eot=3,
+                  pgd={"steps": 2, "step_size": 4 / 255}, square={"queries": 6}, autoattack=[])
 
 
 class BackwardCounter:
@@ -90,21 +92,21 @@ def test_eot_averages_fresh_draws(parts):
 def test_training_inputs(parts):
     denoiser, _, x, _ = parts
     eps, u = torch.randn_like(x), torch.tensor([0.0, 0.5, 1.0, 0.25])
-    assert torch.equal(TrainingInputs("clean", 0.1)(x, eps, u), x)
-    noisy = TrainingInputs("noisy", 0.1)(x, eps, u)
+    assert torch.equal(DefenseInputs("clean", 0.1).view(x, eps, u), x)
+    noisy = DefenseInputs("noisy", 0.1).view(x, eps, u)
     torch.testing.assert_close(noisy, x + 0.1 * u.view(-1, 1, 1, 1) * eps)
-    denoised = TrainingInputs("denoised", 0.1, denoiser)(x, eps, u)
+    denoised = DefenseInputs("denoised", 0.1, denoiser).view(x, eps, u)
     assert not denoised.requires_grad and denoised.min() >= 0 and denoised.max() <= 1
     torch.testing.assert_close(denoised, denoiser.reconstruct(noisy, True, 0.1 * u))
     with pytest.raises(UserError, match="needs a denoiser"):
-        TrainingInputs("denoised", 0.1)
+        DefenseInputs("denoised", 0.1)
 
 
 def test_evaluate_is_deterministic_and_copies_what_is_equal_without_noise(parts):
     denoiser, classifier, x, y = parts
     cfg = ATTACK.model_copy(update={"autoattack": ["rand"]})
     run = []
-    plain = evaluate(Defense(denoiser, classifier, 0.0), x, y, cfg, key=("c", 0.0),
+    plain = evaluate_defense(Defense(denoiser, classifier, 0.0), x, y, cfg, key=("c", 0.0),
                      on_column=lambda column, accuracy, seconds: run.append(column))
     assert plain.accuracy["gray_pgd"] == plain.accuracy["white_pgd"]
     assert plain.accuracy["white_fgsm_eot"] == plain.accuracy["white_fgsm"]
@@ -112,7 +114,7 @@ def test_evaluate_is_deterministic_and_copies_what_is_equal_without_noise(parts)
     assert run == ["clean", "white_fgsm", "white_pgd", "square"]
 
     noisy = Defense(denoiser, classifier, 0.25)
-    runs = [evaluate(noisy, x, y, ATTACK, key=("c", 0.25), keep=2) for _ in range(2)]
+    runs = [evaluate_defense(noisy, x, y, ATTACK, key=("c", 0.25), keep=2) for _ in range(2)]
     assert runs[0].accuracy == runs[1].accuracy and list(runs[0].accuracy) == columns(ATTACK)
     assert runs[0].shown.shape == (2, 1, 16, 16) and torch.equal(runs[0].shown, runs[1].shown)
     assert all(0 <= a <= 1 for a in runs[0].accuracy.values())
@@ -132,19 +134,24 @@ def test_evaluate_is_deterministic_and_copies_what_is_equal_without_noise(parts)
     ({"defense": {"denoisers": {"nim": {"task": "nim", "mask_ratio": 0, "epochs": -1}}}},
      "defense.denoisers.nim.epochs = -1"),
     ({"defense": {"denoisers": {"dmae": {}}}}, "defense.denoisers.dmae: the name is taken"),
-    ({"defense": {"classifiers": {"a": {"encoder": "simclr"}}}}, "defense.classifiers.a.encoder = 'simclr'"),
-    ({"defense": {"classifiers": {"a": {"input": "denoised", "denoiser": None}}}}, "needs a denoiser"),
+    ({"defense": {"classifiers": {"a": {"input": "clean", "encoder": "simclr", "denoiser": None}}}},
+     "defense.classifiers.a.encoder = 'simclr'"),
+    ({"defense": {"classifiers": {"a": {"input": "denoised", "encoder": "nim", "denoiser": None}}}},
+     "needs a denoiser"),
     ({"defense": {"finetune": {"consistency": {"enabled": True}}}}, "defense.finetune.consistency.enabled"),
     ({"defense": {"finetune": {"lr": 1}}}, "defense.finetune.lr: unknown key"),
 ])
 def test_bad_defense_and_attack_params_name_the_key(raw, message):
     with pytest.raises(UserError) as err:
-        parse_params(raw, source="params.yaml")
+        parse_params(params_with(raw), source="params.yaml")
     assert message in str(err.value)
 
 
 def test_denoiser_settings_merge_the_variant_into_pretrain():
-    params = parse_params({"pretrain": {"epochs": 7, "base_lr": 0.01}})
+    raw = params_with({"pretrain": {"epochs": 7, "base_lr": 0.01}})
+    raw["defense"]["denoisers"]["nim"] = {"task": "nim", "mask_ratio": 0.0,
+                                          "noise": {"dist": "gamma", "shape": 25.0, "scale": 3.0, "per255": True}}
+    params = parse_params(raw)
     nim = params.denoiser_settings("nim")
     assert (nim.task, nim.mask_ratio, nim.noise.dist, nim.noise.per255) == ("nim", 0.0, "gamma", True)
     assert nim.epochs == 7 and nim.base_lr == 0.01 and nim.noise.sigma == params.pretrain.noise.sigma
@@ -162,9 +169,15 @@ def _invoke(*args):
     return CliRunner().invoke(app, list(args), catch_exceptions=False)
 
 
-def _update(params_path, **sections):
-    raw = yaml.safe_load(params_path.read_text())
-    raw.update(sections)
+def _update(params_path, replace: dict | None = None, **sections):
+    """Deep-merge `sections` into the params file; `replace` sets dotted keys to a value as it is."""
+    raw = deep_merge(yaml.safe_load(params_path.read_text()), sections)
+    for key, value in (replace or {}).items():
+        *parents, leaf = key.split(".")
+        node = raw
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
     params_path.write_text(yaml.safe_dump(raw))
 
 
@@ -186,11 +199,12 @@ def test_bad_params_and_names_exit_2_before_any_work(tiny_params, args, section,
 @pytest.mark.slow
 def test_defense_stages_end_to_end_deterministic_and_resumable(tiny_params, monkeypatch):
     _update(tiny_params,
-            defense={"denoisers": {"nim": {"task": "nim", "mask_ratio": 0.0, "noise": {"dist": "gamma"}}},
-                     "classifiers": {"undefended": {"input": "clean", "encoder": "nim", "denoiser": None},
-                                     "nim": {"encoder": "nim", "denoiser": "nim"},
-                                     "dmae": {"input": "noisy", "encoder": "dmae", "denoiser": "dmae"}},
-                     "finetune": {"consistency": {"enabled": False}, "epochs": 1, "warmup_epochs": 0}},
+            replace={"defense.denoisers": {"nim": {"task": "nim", "mask_ratio": 0.0, "noise": {"dist": "gamma"}}},
+                     "defense.classifiers": {
+                         "undefended": {"input": "clean", "encoder": "nim", "denoiser": None},
+                         "nim": {"input": "denoised", "encoder": "nim", "denoiser": "nim"},
+                         "dmae": {"input": "noisy", "encoder": "dmae", "denoiser": "dmae"}},
+                     "defense.finetune": {"consistency": {"enabled": False}, "epochs": 1, "warmup_epochs": 0}},
             attack={"examples": 5, "batch_size": 3, "test_sigmas": [0.0, 0.25], "eot": 2, "pgd": {"steps": 2},
                     "square": {"queries": 4}, "autoattack": []})
     for args in (["prepare"], ["pretrain"], ["pretrain", "--variant", "nim"],
@@ -217,18 +231,16 @@ def test_defense_stages_end_to_end_deterministic_and_resumable(tiny_params, monk
     assert first == {f: (out / f).read_bytes() for f in first}
 
     # interrupted after two rows, then rerun: resumes and ends with the same files
-    import stages.attack
-
     calls = []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
         if len(calls) > 2:
             raise KeyboardInterrupt
-        return evaluate(*args, **kwargs)
+        return evaluate_defense(*args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(stages.attack, "evaluate", interrupted)
+        m.setattr(robustness, "evaluate_defense", interrupted)
         assert _invoke("attack").exit_code == 130
     assert any(Path("state/attack").rglob("state.pt"))
     assert _invoke("attack").exit_code == 0

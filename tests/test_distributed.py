@@ -11,13 +11,12 @@ import pytest
 import torch
 import yaml
 
-from dmae.certify import read_certify_tsv
-from dmae.checkpoint import load_weights
-from dmae.classifier import load_classifier
-from dmae.datasets import load_split, read_meta
-from dmae.model import DenoisingMAE, config_for
-from dmae.settings import Params
-from tests.conftest import TINY
+from dmae.data import load_split, read_meta
+from dmae.models.autoencoder import DenoisingMAE
+from dmae.models.checkpoint import load_weights
+from dmae.models.classifier import load_classifier
+from dmae.smoothing.certify import read_certify_tsv
+from tests.conftest import TINY, params_with, settings
 
 
 def run(args, nproc=1, env=None):
@@ -33,8 +32,8 @@ def run(args, nproc=1, env=None):
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    params = {**TINY, "pretrain": {**TINY["pretrain"], "accum_steps": 2},
-              "finetune": {**TINY["finetune"], "drop_path": 0.0, "epochs": 2}}
+    params = params_with({**TINY, "pretrain": {**TINY["pretrain"], "accum_steps": 2},
+                          "finetune": {**TINY["finetune"], "drop_path": 0.0, "epochs": 2}})
     Path("params.yaml").write_text(yaml.safe_dump(params))
     env = {"DMAE_STATE_DIR": str(tmp_path / "state"), "DMAE_PROGRESS": "0"}
     run(["prepare"], env=env)
@@ -52,7 +51,7 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
         a, b = (np.loadtxt(f"{n}/{name}/metrics.tsv", skiprows=1) for n in ("n1", "n2"))
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     x = torch.stack([load_split("data/prepared", "test")[i][0] for i in range(12)])
-    pre = [DenoisingMAE(config_for(Params().model, read_meta("data/prepared"))) for _ in range(2)]
+    pre = [DenoisingMAE(settings("model").config(read_meta("data/prepared"))) for _ in range(2)]
     fts = [load_classifier(f"{n}/ft").eval() for n in ("n1", "n2")]
     with torch.no_grad():
         for model, n in zip(pre, ("n1", "n2")):

@@ -21,13 +21,13 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from typer.testing import CliRunner
 
-from dmae.checkpoint import load_weights
-from dmae.classifier import Classifier, load_classifier
-from dmae.errors import UserError
-from dmae.import_checkpoint import convert, import_checkpoint, model_config
-from dmae.model import DenoisingMAE, ModelConfig, encoder_state_dict_from
-from dmae.settings import PretrainSettings
+from dmae.models.autoencoder import DenoisingMAE, ModelConfig, encoder_state_dict_from
+from dmae.models.checkpoint import load_weights
+from dmae.models.classifier import Classifier, load_classifier
+from dmae.models.imports import convert, import_checkpoint, model_config
+from dmae.util.errors import UserError
 from stages.cli import app
+from tests.conftest import settings
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TINY = ModelConfig("tiny", 16, 4, 3, MEAN, STD)
@@ -312,9 +312,9 @@ def test_pretrain_with_zero_epochs_copies_the_imported_weights(tiny_params, digi
 
 
 def test_zero_epochs_needs_init_from_and_ignores_warm_up():
-    assert PretrainSettings(epochs=0, init_from="models/imported/x", warmup_epochs=4).epochs == 0
+    assert settings("pretrain", epochs=0, init_from="models/imported/x", warmup_epochs=4).epochs == 0
     with pytest.raises(ValueError, match="needs init_from"):
-        PretrainSettings(epochs=0, warmup_epochs=0)
+        settings("pretrain", epochs=0, warmup_epochs=0)
 
 
 def test_init_from_refusals(tiny_params, digits_dir, autoencoder):

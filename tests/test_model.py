@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from dmae.model import DenoisingMAE, ModelConfig, sincos_pos_embed
-from dmae.noise import add_noise, keyed_normal, sample_sigma
-from dmae.presets import PRESETS
+from dmae.models.architectures import ARCHITECTURES
+from dmae.models.autoencoder import DenoisingMAE, ModelConfig, sincos_pos_embed
 from dmae.settings import NoiseSettings
+from dmae.train.noise import add_noise, keyed_normal, sample_sigma
+from tests.conftest import REPO_PARAMS
 
 
 def tiny(img_size=16, in_chans=1):
@@ -37,7 +38,7 @@ def test_mae_key_names_of_released_checkpoints():
     assert not any("mean" in k or "std" in k for k in keys)  # normalization lives in the JSON config
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("preset", list(ARCHITECTURES))
 def test_forward_shapes_every_preset(preset):
     patch = 4 if preset == "tiny" else 16
     size = 16 if preset == "tiny" else 32
@@ -76,17 +77,21 @@ def test_noise_statistics_unclamped_and_seeded():
     assert per_image[0].abs().max() == 0 and abs(per_image[1].std().item() - 0.5) < 0.02
 
 
+def noise(**changes) -> NoiseSettings:
+    return NoiseSettings.model_validate({**REPO_PARAMS["pretrain"]["noise"], **changes})
+
+
 def test_sigma_samplers_have_the_requested_distributions():
     rng = np.random.default_rng(0)
     n = 200_000
-    fixed = sample_sigma(NoiseSettings(dist="fixed", sigma=0.25), n, rng)
+    fixed = sample_sigma(noise(dist="fixed", sigma=0.25), n, rng)
     assert torch.all(fixed == 0.25)
-    uni = sample_sigma(NoiseSettings(dist="uniform", low=0, high=150, per255=True), n, rng)
+    uni = sample_sigma(noise(dist="uniform", low=0, high=150, per255=True), n, rng)
     assert uni.min() >= 0 and uni.max() <= 150 / 255 and abs(uni.mean().item() - 75 / 255) < 1e-3
     assert abs(uni.std().item() - 150 / 255 / math.sqrt(12)) < 1e-3
-    gamma = sample_sigma(NoiseSettings(dist="gamma", shape=25, scale=3, per255=True), n, rng)  # NIM's default
+    gamma = sample_sigma(noise(dist="gamma", shape=25, scale=3, per255=True), n, rng)  # NIM's default
     assert abs(gamma.mean().item() - 75 / 255) < 1e-3 and abs(gamma.std().item() - 15 / 255) < 1e-3
-    assert torch.all(sample_sigma(NoiseSettings(dist="none"), 3, rng) == 0)
+    assert torch.all(sample_sigma(noise(dist="none"), 3, rng) == 0)
 
 
 def test_keyed_noise_does_not_depend_on_batch_composition():

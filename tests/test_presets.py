@@ -11,12 +11,13 @@ import yaml
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
-from dmae.classifier import Classifier
-from dmae.datasets import cifar10, imagenet
-from dmae.model import DenoisingMAE, config_for
-from dmae.noise import add_noise
+from dmae.data import cifar10, imagenet
+from dmae.models.autoencoder import DenoisingMAE
+from dmae.models.classifier import Classifier
 from dmae.settings import Params, load_params
+from dmae.train.noise import add_noise
 from stages.cli import app
+from tests.conftest import params_with
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
 NAMES = ["imagenet-dmae-vit-b", "imagenet-dmae-vit-l", "imagenet-dmae-vit-b-released",
@@ -149,7 +150,7 @@ def test_preset_builds_the_paper_architecture(name):
     """Parameter counts of REFERENCE.md: encoder 85.8M / 303.3M, with the decoder 111.9M / 329.5M."""
     params = load_params(PRESETS / f"{name}.yaml")
     with torch.device("meta"):
-        model = DenoisingMAE(config_for(params.model, META[params.data.dataset]))
+        model = DenoisingMAE(params.model.config(META[params.data.dataset]))
     total = sum(p.numel() for p in model.parameters())
     encoder = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("decoder_", "mask_token")))
     expected = {"base": (85.8, 111.9), "large": (303.3, 329.5)}[params.model.preset]
@@ -163,7 +164,7 @@ def test_cifar10_noise_at_32_then_bicubic_upsampling_to_224_inside_the_model():
     ViT-B: the input path does not depend on the width.)"""
     params = load_params(PRESETS / "cifar10-dmae-vit-b.yaml")
     model_settings = params.model.model_copy(update={"preset": "tiny"})
-    cfg = config_for(model_settings, META["cifar10"])
+    cfg = model_settings.config(META["cifar10"])
     assert (cfg.img_size, cfg.patch_size, cfg.mean, cfg.std) == (224, 16, cifar10.MEAN, cifar10.STD)
 
     torch.manual_seed(0)
@@ -209,7 +210,7 @@ def test_use_preset_copies_a_valid_preset(project):
 def test_use_preset_refuses_unknown_and_invalid_presets(project):
     unknown = runner.invoke(app, ["use-preset", "imagenet-vit-h"])
     assert unknown.exit_code == 2 and "imagenet-dmae-vit-b" in unknown.output
-    Path("presets/broken.yaml").write_text("model:\n  preset: giant\n")
+    Path("presets/broken.yaml").write_text(yaml.safe_dump(params_with({"model": {"preset": "giant"}})))
     invalid = runner.invoke(app, ["use-preset", "broken"])
     assert invalid.exit_code == 2 and "unknown preset 'giant'" in invalid.output
     assert Path("params.yaml").read_text() == "sigmas: [0.5]\n"  # untouched

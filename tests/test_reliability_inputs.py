@@ -23,15 +23,18 @@ import yaml
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from dmae.certify import CertifyRow, write_certify_tsv
-from dmae.checkpoint import load_state, resume_training, save_state, save_weights
-from dmae.classifier import Classifier
-from dmae.datasets import read_meta
-from dmae.errors import UserError
-from dmae.model import DenoisingMAE, config_for
-from dmae.settings import ModelSettings, load_params
+from dmae.data import read_meta
+from dmae.models.autoencoder import DenoisingMAE
+from dmae.models.checkpoint import save_weights
+from dmae.models.classifier import Classifier
+from dmae.settings import load_params
+from dmae.smoothing.certify import CertifyRow, write_certify_tsv
+from dmae.train.loop import resume as resume_training
+from dmae.util.errors import UserError
+from dmae.util.state import load_state, save_state
 from stages.cli import app
 from stages.common import resolved, state_path
+from tests.conftest import params_with, settings
 from tests.test_certify import test_malformed_tsv_names_file_and_line as _malformed_tsv_test
 from tests.test_settings import BAD as SETTINGS_BAD
 
@@ -103,7 +106,8 @@ NEW_BAD = [
     ({"pretrain": {"noise": {"dist": "none"}}}, "task 'dmae' needs noise"),
     ({"defense": {"denoisers": {"dmae": {}}}}, "defense.denoisers.dmae: the name is taken"),
     ({"defense": {"denoisers": {"nim": {"mask_ratio": 2}}}}, "defense.denoisers.nim.mask_ratio = 2"),
-    ({"defense": {"classifiers": {"x": {"encoder": "nope"}}}}, "defense.classifiers.x.encoder = 'nope'"),
+    ({"defense": {"classifiers": {"x": {"input": "clean", "encoder": "nope", "denoiser": None}}}},
+     "defense.classifiers.x.encoder = 'nope'"),
     ({"defense": {"finetune": {"consistency": {"enabled": True}}}}, "defense.finetune.consistency.enabled"),
     ({"attack": {"figure": "undefended"}}, "attack.figure = 'undefended'"),
     ({"attack": {"test_sigmas": [0.0, 0.0]}}, "test_sigmas has duplicates"),
@@ -135,7 +139,7 @@ def test_enough_invalid_params_cases():
 @pytest.mark.parametrize("case", range(len(CLI_BAD)), ids=[m for _, m in CLI_BAD])
 def test_bad_params_exit_2_naming_key_and_value(empty_project, case):
     raw, message = CLI_BAD[case]
-    (empty_project / "params.yaml").write_text(yaml.safe_dump(raw))
+    (empty_project / "params.yaml").write_text(yaml.safe_dump(params_with(raw)))
     result = run_cli(*STAGES[case % len(STAGES)])
     assert_user_error(result, message, "params.yaml: invalid settings")
     assert sorted(os.listdir(empty_project)) == ["params.yaml"]  # no data, models, results or state
@@ -155,7 +159,7 @@ def test_bad_params_file_exit_2(empty_project, text, message):
 
 @pytest.mark.slow
 def test_real_command_prints_one_message_without_traceback(empty_project):
-    (empty_project / "params.yaml").write_text(yaml.safe_dump({"certify": {"alpha": 1.5}}))
+    (empty_project / "params.yaml").write_text(yaml.safe_dump(params_with({"certify": {"alpha": 1.5}})))
     dmae = shutil.which("dmae") or str(Path(sys.executable).with_name("dmae"))
     proc = subprocess.run([dmae, "certify", "--sigma", "0.25"], capture_output=True, text=True, cwd=empty_project,
                           timeout=300)
@@ -171,7 +175,7 @@ def classifier_dir(tmp_path_factory, digits_dir) -> Path:
     """A fine-tuned classifier as `dmae finetune` writes it, for the tiny settings and the digits data."""
     meta = read_meta(digits_dir)
     torch.manual_seed(0)
-    model = Classifier(config_for(ModelSettings(), meta), meta["num_classes"])
+    model = Classifier(settings("model").config(meta), meta["num_classes"])
     out = tmp_path_factory.mktemp("classifier") / "sigma-0.25"
     save_weights(out, model.state_dict(), model.config())
     return out
@@ -179,7 +183,7 @@ def classifier_dir(tmp_path_factory, digits_dir) -> Path:
 
 def _small_weights(digits_dir) -> dict:
     meta = read_meta(digits_dir)
-    return Classifier(config_for(ModelSettings(preset="small"), meta), meta["num_classes"]).state_dict()
+    return Classifier(settings("model", preset="small").config(meta), meta["num_classes"]).state_dict()
 
 
 def _edit_config(**changes):
@@ -257,7 +261,7 @@ def test_damaged_pretrained_model_refused_by_finetune(tiny_params, digits_dir, c
     if damage == "a classifier instead of an autoencoder":
         shutil.copytree(classifier_dir, pre)
     else:
-        model_cfg = config_for(ModelSettings(), meta)
+        model_cfg = settings("model").config(meta)
         save_weights(pre, DenoisingMAE(model_cfg).state_dict(), {"kind": "autoencoder", **model_cfg.to_dict()})
         if damage == "garbage safetensors":
             (pre / "model.safetensors").write_bytes(os.urandom(2048))

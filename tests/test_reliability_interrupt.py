@@ -29,8 +29,9 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from dmae.certify import HEADER, read_certify_tsv, work_path
-from dmae.checkpoint import load_state
+from dmae.smoothing.certify import HEADER, read_certify_tsv, work_path
+from dmae.util.state import load_state
+from tests.conftest import params_with
 
 pytestmark = pytest.mark.slow
 
@@ -171,7 +172,7 @@ def after_rows(rows: int) -> Callable[[str, Path], bool]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     project = tmp_path_factory.mktemp("reference")
-    (project / "params.yaml").write_text(yaml.safe_dump(SETTINGS))
+    (project / "params.yaml").write_text(yaml.safe_dump(params_with(SETTINGS)))
     prepared = subprocess.run([DMAE, "prepare"], cwd=project, capture_output=True, text=True, timeout=300,
                               env={**os.environ, "DMAE_PROGRESS": "0"})
     assert prepared.returncode == 0, prepared.stderr

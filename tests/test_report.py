@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from dmae.attack_report import Row, section
-from dmae.certify import HEADER
-from dmae.document import Figure, Heading, Paragraph, Table, from_json, to_json, to_markdown
-from dmae.errors import UserError
-from dmae.report import Summary, certify_paths, load_runs, metrics
-from dmae.robustness import columns
-from dmae.settings import AttackSettings
+from dmae.defense.robustness import Row, columns
+from dmae.report.attack import section
+from dmae.report.certified import Summary, certification_metrics, load_runs
+from dmae.report.document import Figure, Heading, Paragraph, Table, from_json, to_json, to_markdown
+from dmae.smoothing.certify import HEADER
+from dmae.util.errors import UserError
 from stages.cli import app
+from tests.conftest import params_with, settings
 
 # idx, label, predict, radius, correct. Radii 0.25, 0.5, 0.75 and 1.0 sit exactly on grid points; predict -1
 # is an abstention; sigma 0.5 idx 3 is correct with radius 0 (pA_lower exactly 0.5).
@@ -69,7 +69,7 @@ def test_best_sigma_envelope(summary):
 
 
 def test_metrics_layout(summary):
-    m = metrics(summary)
+    m = certification_metrics(summary)
     assert m["certified_accuracy"] == pytest.approx(
         {f"r={r!r}": round(a, 6) for r, (a, _) in zip(RADII, EXPECTED_BEST)})
     assert m["best_sigma"] == {"r=0.0": 0.25, "r=0.25": 0.25, "r=0.5": 0.25, "r=0.75": 0.5, "r=1.0": 0.25}
@@ -112,7 +112,7 @@ def test_differing_idx_sets_name_the_short_file(tmp_path):
 
 def test_missing_sigma_file_is_named(tmp_path):
     write_certify(tmp_path)
-    paths = certify_paths(tmp_path, [0.25, 0.5, 1.0])
+    paths = {s: tmp_path / f"sigma-{s}.tsv" for s in (0.25, 0.5, 1.0)}
     with pytest.raises(UserError, match=re.escape(str(paths[1.0]))):
         load_runs(paths)
 
@@ -123,9 +123,9 @@ def make_project(root, dataset="cifar10"):
     """A project folder with params, certification TSVs, settings, training metrics and a reconstruction PNG."""
     sigmas = list(ROWS)
     size = 32 if dataset == "cifar10" else 16
-    (root / "params.yaml").write_text(json.dumps({
+    (root / "params.yaml").write_text(json.dumps(params_with({
         "sigmas": sigmas, "data": {"dataset": dataset, "image_size": size}, "model": {"img_size": size},
-        "report": {"radii": RADII}}))
+        "report": {"radii": RADII}})))
     write_certify(root / "results/certify")
     for sigma in sigmas:
         settings = {"certify": {"n0": 100, "n": 500, "alpha": 0.001}, "data": {"dataset": dataset}, "sigma": sigma}
@@ -155,7 +155,7 @@ def run_report(root, attack=False):
 
 def write_attack_results(folder):
     """What `dmae attack` leaves for the report: its section as document blocks, the figures, settings.json."""
-    cfg = AttackSettings(autoattack=[], eot=2)
+    cfg = settings("attack", autoattack=[], eot=2)
     accuracy = {c: 0.5 for c in columns(cfg)}
     rows = [Row("undefended", 0.0, False, accuracy), Row("nim", 0.25, True, {**accuracy, "white_pgd_eot": 0.625})]
     folder.mkdir(parents=True)
@@ -168,7 +168,7 @@ def write_attack_results(folder):
 
 def test_attack_section_warns_about_autoattack_only_when_run():
     for autoattack in ([], ["standard", "rand"]):
-        cfg = AttackSettings(autoattack=autoattack)
+        cfg = settings("attack", autoattack=autoattack)
         rows = [Row("nim", 0.25, True, {c: 0.5 for c in columns(cfg)})]
         text = to_markdown(section(rows, cfg, "digits", 8, ["t.png", "a.png"]))
         assert ("its accuracy is an upper bound" in text) == bool(autoattack)

@@ -2,9 +2,9 @@
 
 import pytest
 
-from dmae.errors import UserError
 from dmae.settings import Params, load_params, load_runtime, parse_params
-from tests.conftest import REPO
+from dmae.util.errors import UserError
+from tests.conftest import REPO, REPO_PARAMS, params_with
 
 BAD = [
     ({"pretrain": {"noise": {"sigma": -0.1}}}, "pretrain.noise.sigma = -0.1"),
@@ -34,29 +34,44 @@ BAD = [
     ({"finetune": {"mode": "linear_probe", "init": "scratch"}}, "a linear probe needs a pretrained encoder"),
     ({"data": {"image_size": 32}}, "data.image_size 32 exceeds model.img_size 16"),
     ({"finetune": {"epochs": {0.25: 10, 0.5: 10}}}, "finetune.epochs has no value for sigma [1.0]"),
-    ({"finetune": {"epochs": {0.25: 9, 0.5: 2, 1.0: 9}, "warmup_epochs": 3}}, "warmup_epochs 3.0 exceeds epochs {0.25: 9, 0.5: 2"),
+    ({"finetune": {"epochs": {0.25: 9, 0.5: 2, 1.0: 9}, "warmup_epochs": 3}},
+     "warmup_epochs 3.0 exceeds epochs {0.25: 9, 0.5: 2"),
     ({"defense": {"finetune": {"epochs": {0.25: 5}, "consistency": {"enabled": False}}}},
      "defense.finetune.epochs: the De^3 classifiers"),
 ]
 
 
-def test_defaults_and_repo_params_are_valid():
-    assert Params().model.preset == "tiny"
+def test_repo_params_are_valid_and_the_only_defaults():
     params = load_params(REPO / "params.yaml")
-    assert params.pretrain.task == "dmae"
+    assert params.pretrain.task == "dmae" and params.model.preset == "tiny"
+    with pytest.raises(UserError, match="pretrain: Field required"):  # no section, no field has a default
+        parse_params({k: v for k, v in REPO_PARAMS.items() if k != "pretrain"})
+    raw = params_with({})
+    del raw["pretrain"]["noise"]["sigma"]
+    with pytest.raises(UserError, match="pretrain.noise.sigma: Field required"):
+        parse_params(raw)
+    assert Params.model_validate(REPO_PARAMS) == params
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "\n\n"])
+def test_empty_params_file_is_refused(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match="holds no settings"):
+        load_params(path)
 
 
 @pytest.mark.parametrize("raw, message", BAD, ids=[m for _, m in BAD])
 def test_bad_values_name_key_and_value(raw, message):
     with pytest.raises(UserError) as err:
-        parse_params(raw, source="params.yaml")
+        parse_params(params_with(raw), source="params.yaml")
     assert message in str(err.value)
     assert str(err.value).startswith("params.yaml: invalid settings")
 
 
 def test_finetune_epochs_per_sigma():
-    params = parse_params({"finetune": {"epochs": {0.25: 10, 0.5: 20, 1.0: 40}},
-                           "defense": {"finetune": {"epochs": 5, "consistency": {"enabled": False}}}})
+    params = parse_params(params_with({"finetune": {"epochs": {0.25: 10, 0.5: 20, 1.0: 40}},
+                                       "defense": {"finetune": {"epochs": 5, "consistency": {"enabled": False}}}}))
     assert [params.finetune.epochs_at(s) for s in params.sigmas] == [10, 20, 40]
     assert params.defense_finetune().epochs_at(0.1) == 5
 
@@ -73,8 +88,8 @@ def test_missing_and_malformed_files(tmp_path):
 def test_environment_never_changes_results(monkeypatch):
     monkeypatch.setenv("PRETRAIN__EPOCHS", "99")
     monkeypatch.setenv("SIGMAS", "[9]")
-    params = parse_params({})
-    assert params.pretrain.epochs == Params().pretrain.epochs and params.sigmas == [0.25, 0.5, 1.0]
+    params = parse_params(REPO_PARAMS)
+    assert params.pretrain.epochs == REPO_PARAMS["pretrain"]["epochs"] and params.sigmas == REPO_PARAMS["sigmas"]
 
 
 def test_runtime_knobs_from_environment(monkeypatch):

@@ -6,7 +6,6 @@ import torch
 from scipy.stats import binomtest, norm
 from torch import nn
 
-from dmae.errors import UserError
 from dmae.smoothing import (
     ABSTAIN,
     ESTIMATION,
@@ -18,6 +17,7 @@ from dmae.smoothing import (
     predict_from_counts,
     radius_cap,
 )
+from dmae.util.errors import UserError
 
 SHAPE = (2, 2, 2)
 CENTER = torch.full(SHAPE, 0.5)

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from dmae.certify import read_certify_tsv
+from dmae.smoothing.certify import read_certify_tsv
 from stages.cli import app
 
 runner = CliRunner()
@@ -90,7 +90,7 @@ def test_missing_data_and_models_are_clear_errors(tiny_params):
 
 def test_missing_cifar10_names_where_it_looked(tiny_params):
     raw = yaml.safe_load(tiny_params.read_text())
-    raw["data"] = {"dataset": "cifar10", "image_size": 32, "root": "nowhere"}
+    raw["data"].update(dataset="cifar10", image_size=32, root="nowhere")
     raw["model"]["img_size"] = 32
     tiny_params.write_text(yaml.safe_dump(raw))
     result = invoke("prepare")

@@ -6,17 +6,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Subset
+from torch.utils.data import Subset, TensorDataset
 
-from dmae.classifier import Classifier
-from dmae.datasets import load_split, read_meta
-from dmae.finetune import finetune
-from dmae.losses import consistency_loss
-from dmae.mixup import mix, soft_targets
-from dmae.model import DenoisingMAE, config_for
-from dmae.optim import layer_id, lr_at, param_groups
-from dmae.pretrain import pretrain
-from dmae.settings import FinetuneSettings, ModelSettings, PretrainSettings
+from dmae.data import load_split, read_meta
+from dmae.models.autoencoder import DenoisingMAE
+from dmae.models.classifier import Classifier
+from dmae.train.finetune import finetune, noisy_inputs
+from dmae.train.loop import Schedule, Step, train
+from dmae.train.losses import consistency_loss
+from dmae.train.mixup import mix, soft_targets
+from dmae.train.optim import layer_id, lr_at, param_groups
+from dmae.train.pretrain import pretrain
+from dmae.util.errors import UserError
+from dmae.util.state import load_state
+from tests.conftest import settings
 
 
 class Interrupt(Exception):
@@ -32,12 +35,12 @@ def _interrupt_after(epoch):
 
 def _autoencoder(digits_dir):
     torch.manual_seed(0)
-    return DenoisingMAE(config_for(ModelSettings(), read_meta(digits_dir)))
+    return DenoisingMAE(settings("model").config(read_meta(digits_dir)))
 
 
 def test_pretrain_resume_equals_uninterrupted(digits_dir, tmp_path):
     train = Subset(load_split(digits_dir, "train"), range(96))
-    cfg = PretrainSettings(epochs=3, batch_size=32, accum_steps=2, warmup_epochs=1)
+    cfg = settings("pretrain", epochs=3, batch_size=32, accum_steps=2, warmup_epochs=1)
     straight = _autoencoder(digits_dir)
     hist = pretrain(straight, train, cfg, device=torch.device("cpu"), state_path=tmp_path / "a.pt", progress=False)
 
@@ -56,21 +59,20 @@ def test_finetune_resume_equals_uninterrupted(digits_dir, tmp_path):
     meta = read_meta(digits_dir)
     train = Subset(load_split(digits_dir, "train"), range(64))
     val = Subset(load_split(digits_dir, "val"), range(32))
-    cfg = FinetuneSettings(epochs=2, batch_size=32, warmup_epochs=0, mixup=0.8, cutmix=1.0)
+    cfg = settings("finetune", epochs=2, batch_size=32, warmup_epochs=0, mixup=0.8, cutmix=1.0)
 
     def model():
         torch.manual_seed(0)
-        return Classifier(config_for(ModelSettings(), meta), meta["num_classes"], drop_path=0.1)
+        return Classifier(settings("model").config(meta), meta["num_classes"], drop_path=0.1)
 
+    inputs, cpu = noisy_inputs(cfg, 0.5), torch.device("cpu")
     a = model()
-    hist = finetune(a, train, val, 0.5, cfg, device=torch.device("cpu"), state_path=tmp_path / "a.pt",
-                    progress=False)
+    hist = finetune(a, train, val, inputs, cfg, device=cpu, state_path=tmp_path / "a.pt", progress=False)
     with pytest.raises(Interrupt):
-        finetune(model(), train, val, 0.5, cfg, device=torch.device("cpu"), state_path=tmp_path / "b.pt",
-                 progress=False, on_epoch=_interrupt_after(1))
+        finetune(model(), train, val, inputs, cfg, device=cpu, state_path=tmp_path / "b.pt", progress=False,
+                 on_epoch=_interrupt_after(1))
     b = model()
-    hist2 = finetune(b, train, val, 0.5, cfg, device=torch.device("cpu"), state_path=tmp_path / "b.pt",
-                     progress=False)
+    hist2 = finetune(b, train, val, inputs, cfg, device=cpu, state_path=tmp_path / "b.pt", progress=False)
     assert hist == hist2
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
@@ -78,10 +80,10 @@ def test_finetune_resume_equals_uninterrupted(digits_dir, tmp_path):
 def test_finetune_runs_the_epochs_of_its_sigma(digits_dir, tmp_path):
     meta = read_meta(digits_dir)
     train = Subset(load_split(digits_dir, "train"), range(32))
-    cfg = FinetuneSettings(epochs={0.5: 1, 1.0: 2}, batch_size=32, warmup_epochs=0)
-    model = Classifier(config_for(ModelSettings(), meta), meta["num_classes"])
-    hist = finetune(model, train, train, 1.0, cfg, device=torch.device("cpu"), state_path=tmp_path / "s.pt",
-                    progress=False)
+    cfg = settings("finetune", epochs={0.5: 1, 1.0: 2}, batch_size=32, warmup_epochs=0)
+    model = Classifier(settings("model").config(meta), meta["num_classes"])
+    hist = finetune(model, train, train, noisy_inputs(cfg, 1.0), cfg, device=torch.device("cpu"),
+                    state_path=tmp_path / "s.pt", progress=False)
     assert [row["epoch"] for row in hist] == [1, 2]
 
 
@@ -130,7 +132,7 @@ def test_schedule_and_layer_decay():
     assert lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
     assert layer_id("vit.pos_embed", 12) == 0 and layer_id("vit.blocks.3.attn.qkv.weight", 12) == 4
     assert layer_id("vit.head.weight", 12) == 13
-    model = Classifier(config_for(ModelSettings(), {"channels": 1, "mean": [0.3], "std": [0.3]}), 10)
+    model = Classifier(settings("model").config({"channels": 1, "mean": [0.3], "std": [0.3]}), 10)
     groups = param_groups(model, 0.05, layer_decay=0.5, num_layers=6)
     by_name = {id(p): g for g in groups for p in g["params"]}
     params = dict(model.named_parameters())
@@ -140,3 +142,30 @@ def test_schedule_and_layer_decay():
     assert by_name[id(params["vit.blocks.0.norm1.weight"])]["weight_decay"] == 0.0  # norms: no decay
     assert by_name[id(params["vit.cls_token"])]["weight_decay"] == 0.0
     assert by_name[id(params["vit.blocks.0.attn.qkv.weight"])]["weight_decay"] == 0.05
+
+
+class _NanAt(Step):
+    """A linear model's squared error, made nan at one (epoch, step)."""
+
+    name, seed, order_seed = "toy", (0,), 0
+
+    def __init__(self, epoch: int, step: int):
+        self.at = (epoch, step)
+
+    def optimizer(self, model):
+        return torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def loss(self, model, batch):
+        loss = (model(batch.x.flatten(1)).squeeze(1) - batch.y.float()).pow(2).mean()
+        return loss * float("nan") if (batch.epoch, batch.step) == self.at else loss
+
+
+def test_the_loop_stops_on_a_non_finite_loss_naming_epoch_and_step(tmp_path):
+    data = TensorDataset(torch.rand(64, 1, 2, 2), torch.arange(64) % 3)
+    schedule = Schedule("toy", epochs=3, batch_size=16, accum_steps=2, peak_lr=0.1, min_lr=0.0, warmup_epochs=0,
+                        precision="fp32")
+    model = torch.nn.Linear(4, 1)
+    with pytest.raises(UserError, match=r"toy: the loss is nan at epoch 2, step 3; training stopped"):
+        train(model, data, _NanAt(1, 2), schedule, device=torch.device("cpu"), state_path=tmp_path / "s.pt",
+              progress=False)
+    assert load_state(tmp_path / "s.pt")["epoch"] == 1  # the last good epoch's checkpoint is kept

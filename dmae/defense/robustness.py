@@ -1,0 +1,184 @@
+"""Robust accuracy of a De^3 defense under the NIM paper's l-infinity attacks, one threat model per column.
+
+For a defense D(x) = classifier(denoise(x + noise)) at test-time noise level sigma:
+- white-box (`white_*`): gradients through the whole chain, noise draw and denoiser included; one draw per
+  gradient, or (`*_eot`) the gradient averaged over `eot` draws (expectation over transformation);
+- gray-box (`gray_*`): examples crafted on the classifier alone, evaluated through the defense; no gradient
+  ever passes through the denoiser;
+- black-box (`square`): Square, which only queries the defense's logits;
+- AutoAttack 'standard' and 'rand' (APGD with EOT over 20 draws, for randomized models) through the chain.
+Every column is the accuracy of one draw of the defense on the attacked examples (`clean`: on the clean ones).
+At sigma 0 the model is the classifier alone and deterministic: EOT and gray-box coincide with the white-box
+attack (copied, not rerun) and AutoAttack 'rand' does not apply (None).
+
+Determinism: every attack and every evaluation reseeds torch's global RNG (the defense's noise) and the
+attack's own generator from (seed, row key, column, batch index).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dmae.defense.attacks import autoattack, fgsm, pgd, robust_accuracy, square_attack
+from dmae.defense.chain import Defense
+from dmae.models.autoencoder import ModelConfig, load_autoencoder
+from dmae.models.classifier import load_classifier
+from dmae.settings import AttackSettings
+from dmae.util.progress import console, progress_bar
+from dmae.util.seeding import derive_seed
+from dmae.util.state import load_state, save_state
+
+ATTACKS = ["white_fgsm", "white_fgsm_eot", "white_pgd", "white_pgd_eot", "gray_fgsm", "gray_pgd", "square"]
+SAME_WHEN_DETERMINISTIC = {"white_fgsm_eot": "white_fgsm", "white_pgd_eot": "white_pgd",
+                           "gray_fgsm": "white_fgsm", "gray_pgd": "white_pgd"}
+SHOWN = "white_pgd_eot"  # the attack whose examples `evaluate` keeps for figures
+
+
+def columns(cfg: AttackSettings) -> list[str]:
+    """The accuracy columns of one row: clean, then every attack (AutoAttack versions as configured)."""
+    return ["clean", *ATTACKS, *(f"autoattack_{v}" for v in cfg.autoattack)]
+
+
+def craft(column: str, defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: AttackSettings,
+          seed: int) -> torch.Tensor:
+    """The examples of one column (the clean ones for 'clean'); random draws from `seed`."""
+    if column == "clean":
+        return x
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    if column.startswith("autoattack_"):
+        version = column.removeprefix("autoattack_")
+        return autoattack(defense, x, y, cfg.eps, version, seed=seed % 2**31, batch_size=len(x))
+    if column == "square":
+        return square_attack(defense, x, y, cfg.eps, cfg.square.queries, cfg.square.p_init, generator)
+    threat, method = column.split("_", 1)
+    target = defense.classifier if threat == "gray" else defense
+    eot = cfg.eot if method.endswith("_eot") else 1
+    if method.startswith("fgsm"):
+        return fgsm(target, x, y, cfg.eps, eot=eot)
+    p = cfg.pgd
+    return pgd(target, x, y, cfg.eps, p.steps, p.step_size, p.random_start, eot=eot, generator=generator)
+
+
+@dataclass
+class Evaluation:
+    accuracy: dict[str, float | None]  # column -> accuracy (None: does not apply)
+    shown: torch.Tensor | None  # the first examples of the SHOWN attack, when asked for
+
+
+def evaluate_defense(defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: AttackSettings, key: tuple, keep: int = 0,
+             on_column: Callable[[str, float, float], None] | None = None) -> Evaluation:
+    """Every column of `columns(cfg)` for `defense` on (x, y), in batches of cfg.batch_size.
+
+    `key` (e.g. classifier name and sigma) keys the seeds; `keep` > 0 returns that many examples of the SHOWN
+    attack; `on_column(column, accuracy, seconds)` runs after each column that was run (seconds: crafting and
+    evaluating it).
+    """
+    deterministic = defense.sigma == 0
+    accuracy: dict[str, float | None] = {}
+    shown = None
+    for column in columns(cfg):
+        if deterministic and column in SAME_WHEN_DETERMINISTIC:
+            accuracy[column] = accuracy[SAME_WHEN_DETERMINISTIC[column]]
+            continue
+        if deterministic and column == "autoattack_rand":
+            accuracy[column] = None
+            continue
+        t0, correct, kept = time.perf_counter(), 0, []
+        for b, start in enumerate(range(0, len(x), cfg.batch_size)):
+            xb, yb = x[start:start + cfg.batch_size], y[start:start + cfg.batch_size]
+            seed = derive_seed(cfg.seed, *key, column, b)
+            torch.manual_seed(seed)
+            x_adv = craft(column, defense, xb, yb, cfg, seed)
+            torch.manual_seed(derive_seed(seed, "evaluate"))
+            correct += round(robust_accuracy(defense, x_adv, yb) * len(yb))  # one draw: a count
+            if column == SHOWN and keep > sum(map(len, kept)):
+                kept.append(x_adv)
+        accuracy[column] = correct / len(x)
+        if kept:
+            shown = torch.cat(kept)[:keep]
+        if on_column:
+            on_column(column, accuracy[column], time.perf_counter() - t0)
+    return Evaluation(accuracy, shown)
+
+
+# -- every classifier of the comparison --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Chain:
+    """One classifier of the comparison and the denoiser of its defense (None: evaluated undefended)."""
+
+    name: str
+    classifier: Path
+    denoiser: Path | None
+    norm_pix_loss: bool  # how the denoiser was pretrained (its output is turned into pixels accordingly)
+
+
+@dataclass(frozen=True)
+class Row:
+    classifier: str
+    sigma: float  # test-time noise level of the defense; 0: the classifier alone
+    defended: bool  # the classifier has a denoiser (evaluated over the test sigmas)
+    accuracy: dict[str, float | None]
+
+
+def sigma_label(sigma: float) -> str:
+    return "none" if sigma == 0 else f"{round(sigma * 255, 1):g}/255"
+
+
+def attack_examples(dataset, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded subset of n examples of `dataset` (all of them if it is smaller), in index order."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(derive_seed(seed, "examples")))
+    chosen = sorted(order[:n].tolist())
+    return torch.stack([dataset[i][0] for i in chosen]), torch.tensor([int(dataset[i][1]) for i in chosen])
+
+
+def evaluate_chains(chains: list[Chain], model_cfg: ModelConfig, num_classes: int, x: torch.Tensor,
+                    y: torch.Tensor, cfg: AttackSettings, *, device: torch.device, state_path: Path,
+                    show: int = 0, progress: bool = True) -> tuple[list[Row], dict[str, torch.Tensor]]:
+    """Every column of every chain: with a denoiser at each cfg.test_sigmas, else once, undefended.
+
+    Resumes from `state_path` (the finished rows), saved after every row. Returns the rows and, for the figure,
+    `show` clean examples and, for chain cfg.figure at every test sigma > 0, its white-box PGD-EOT examples with
+    their noisy and denoised versions.
+    """
+    done = load_state(state_path) or {}  # finished rows: "name|sigma" -> {"accuracy", "shown"}
+    x, y = x.to(device), y.to(device)
+    rows: list[Row] = []
+    shown = {"clean": x[:show]}
+    with progress_bar(progress, unit="row") as bar:
+        task = bar.add_task("attack", status="", total=sum(
+            len(cfg.test_sigmas) if c.denoiser else 1 for c in chains))
+        for chain in chains:
+            classifier = load_classifier(chain.classifier, num_classes, model_cfg).to(device)
+            denoiser = load_autoencoder(chain.denoiser, model_cfg).to(device) if chain.denoiser else None
+            for sigma in cfg.test_sigmas if denoiser else [0.0]:
+                where = f"{chain.name} σ={sigma_label(sigma)}"
+
+                def log(column: str, accuracy: float, seconds: float) -> None:
+                    console.log(f"{where} {column}: accuracy {accuracy:.3f} ({seconds:.1f} s)")
+                    bar.update(task, status=f"{where} {column}")
+
+                defense = Defense(denoiser, classifier, sigma, chain.norm_pix_loss)
+                keep = show if chain.name == cfg.figure and sigma > 0 else 0
+                key = f"{chain.name}|{sigma!r}"
+                if key not in done:
+                    result = evaluate_defense(defense, x, y, cfg, key=(chain.name, sigma), keep=keep,
+                                              on_column=log)
+                    done[key] = {"accuracy": result.accuracy, "shown": result.shown}
+                    save_state(state_path, done)
+                rows.append(Row(chain.name, sigma, denoiser is not None, done[key]["accuracy"]))
+                if keep:
+                    adversarial = done[key]["shown"].to(device)
+                    torch.manual_seed(derive_seed(cfg.seed, "figure", sigma))
+                    with torch.no_grad():
+                        noisy, denoised = defense.purify(adversarial)
+                    label = sigma_label(sigma)
+                    shown |= {f"adversarial\nσ={label}": adversarial, f"noisy\nσ={label}": noisy,
+                              f"denoised\nσ={label}": denoised}
+                bar.advance(task)
+    return rows, shown

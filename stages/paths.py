@@ -1,0 +1,48 @@
+"""Where every stage reads and writes, relative to the project root: the one definition of the pipeline's paths.
+
+The stage commands default to these; dvc.yaml names the same paths as deps and outs (tests/test_layout.py checks
+that they agree).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dmae.settings import MAIN_DENOISER
+
+PREPARED = Path("data/prepared")
+MODELS = Path("models")
+PRETRAINED = MODELS / "pretrain"
+PRETRAIN_RESULTS = Path("results/pretrain")
+CERTIFY_RESULTS = Path("results/certify")
+ATTACK_RESULTS = Path("results/attack")
+REPORT = Path("results/report")
+
+
+def pretrained(name: str, models: Path = MODELS) -> Path:
+    """A pretrained autoencoder by name: 'dmae' is the `pretrain` output, the others are defense.denoisers."""
+    return models / "pretrain" if name == MAIN_DENOISER else models / "denoisers" / name
+
+
+def pretrain_results(name: str) -> Path:
+    return PRETRAIN_RESULTS if name == MAIN_DENOISER else Path("results/denoisers") / name
+
+
+def finetuned(sigma: float, models: Path = MODELS) -> Path:
+    return models / "finetune" / f"sigma-{float(sigma)}"
+
+
+def finetune_results(sigma: float, folder: Path = Path("results/finetune")) -> Path:
+    return folder / f"sigma-{float(sigma)}"
+
+
+def certification(sigma: float, folder: Path = CERTIFY_RESULTS) -> Path:
+    return folder / f"sigma-{float(sigma)}.tsv"
+
+
+def defense_classifier(name: str, models: Path = MODELS) -> Path:
+    return models / "defense" / name
+
+
+def defense_results(name: str) -> Path:
+    return Path("results/defense") / name
