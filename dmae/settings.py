@@ -11,17 +11,29 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dmae.models.architectures import ARCHITECTURES
-from dmae.models.autoencoder import ModelConfig
+from dmae.models.architectures import ModelConfig
 from dmae.util.errors import UserError
 
-PosInt = Annotated[int, Field(ge=1)]
-PosFloat = Annotated[float, Field(gt=0)]
-NonNegFloat = Annotated[float, Field(ge=0)]
-Probability = Annotated[float, Field(ge=0, le=1)]
+def _number(value):
+    """YAML's true/false are not numbers (pydantic would read true as 1)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not true/false")
+    return value
+
+
+Number = BeforeValidator(_number)
+Count = Annotated[int, Number, Field(ge=1, le=10**9)]
+Seed = Annotated[int, Number, Field(ge=0, lt=2**63)]
+PosFloat = Annotated[float, Number, Field(gt=0, le=1e6)]
+NonNegFloat = Annotated[float, Number, Field(ge=0, le=1e6)]
+Probability = Annotated[float, Number, Field(ge=0, le=1)]
+Sigma = Annotated[float, Number, Field(gt=0, le=10)]  # a noise level in [0,1] pixel units
+Radius = Annotated[float, Number, Field(ge=0, le=100)]
+LearningRate = Annotated[float, Number, Field(gt=0, le=10)]
 Precision = Literal["fp32", "bf16"]
 
 
@@ -33,10 +45,10 @@ class DataSettings(Section):
     dataset: Literal["digits", "cifar10", "imagenet"]
     root: str
     download: bool
-    image_size: PosInt
+    image_size: Annotated[int, Number, Field(ge=1, le=4096)]
     val_fraction: Annotated[float, Field(gt=0, lt=1)]
-    test_every: PosInt
-    seed: int
+    test_every: Count
+    seed: Seed
 
     def prepare_options(self) -> dict:
         """The keyword options of this data set's prepare function (dmae.data.prepare_dataset)."""
@@ -57,8 +69,8 @@ class DataSettings(Section):
 
 class ModelSettings(Section):
     preset: str
-    img_size: PosInt
-    patch_size: PosInt
+    img_size: Annotated[int, Number, Field(ge=1, le=4096)]
+    patch_size: Annotated[int, Number, Field(ge=1, le=4096)]
 
     def config(self, meta: dict) -> ModelConfig:
         """The model config for a prepared data set: architecture from here, channels and normalization from its
@@ -92,6 +104,11 @@ class NoiseSettings(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "NoiseSettings":
+        top = 255.0 if self.per255 else 10.0
+        for key in ("sigma", "low", "high"):
+            if getattr(self, key) > top:
+                raise ValueError(f"{key} = {getattr(self, key)!r}: a noise level must be at most {top:g} "
+                                 f"({'0-255' if self.per255 else '[0,1] pixel'} units)")
         if self.dist == "uniform" and not self.high > self.low:
             raise ValueError(f"uniform noise needs high > low (got low={self.low}, high={self.high})")
         return self
@@ -102,17 +119,17 @@ class PretrainSettings(Section):
     mask_ratio: Annotated[float, Field(ge=0, lt=1)]
     noise: NoiseSettings
     norm_pix_loss: bool
-    epochs: Annotated[int, Field(ge=0)]  # 0: use init_from as it is (e.g. a released model)
-    batch_size: PosInt
-    accum_steps: PosInt
-    base_lr: PosFloat
+    epochs: Annotated[int, Number, Field(ge=0, le=10**6)]  # 0: use init_from as it is (e.g. a released model)
+    batch_size: Count
+    accum_steps: Count
+    base_lr: LearningRate
     weight_decay: NonNegFloat
     warmup_epochs: NonNegFloat
-    min_lr: NonNegFloat
+    min_lr: Annotated[float, Number, Field(ge=0, le=10)]
     augment: Literal["none", "flip", "rrc_flip"]
     precision: Precision
     init_from: str | None
-    seed: int
+    seed: Seed
 
     @model_validator(mode="after")
     def _check(self) -> "PretrainSettings":
@@ -140,16 +157,16 @@ class ConsistencySettings(Section):
     enabled: bool
     m: Annotated[int, Field(ge=2)]
     lam: NonNegFloat
-    eta: dict[float, NonNegFloat]
+    eta: dict[Sigma, NonNegFloat]
 
 
 class FinetuneSettings(Section):
     mode: Literal["full", "linear_probe"]
     init: Literal["pretrained", "scratch"]
-    epochs: PosInt | dict[PosFloat, PosInt]  # one number, or one per sigma (noisier inputs train slower)
-    batch_size: PosInt
-    accum_steps: PosInt
-    base_lr: PosFloat
+    epochs: Count | dict[Sigma, Count]  # one number, or one per sigma (noisier inputs train slower)
+    batch_size: Count
+    accum_steps: Count
+    base_lr: LearningRate
     layer_decay: Annotated[float, Field(gt=0, le=1)]
     weight_decay: NonNegFloat
     drop_path: Annotated[float, Field(ge=0, lt=1)]
@@ -157,11 +174,11 @@ class FinetuneSettings(Section):
     mixup: NonNegFloat
     cutmix: NonNegFloat
     warmup_epochs: NonNegFloat
-    min_lr: NonNegFloat
+    min_lr: Annotated[float, Number, Field(ge=0, le=10)]
     augment: Literal["none", "flip", "rrc_flip"]
     consistency: ConsistencySettings
     precision: Precision
-    seed: int
+    seed: Seed
 
     @model_validator(mode="after")
     def _check(self) -> "FinetuneSettings":
@@ -180,16 +197,18 @@ class FinetuneSettings(Section):
 
 
 class CertifySettings(Section):
-    n0: PosInt
-    n: PosInt
+    method: Literal["cohen", "adaptive"]  # CERTIFY with n samples, or adaptive CERTIFY with at most n_max
+    n0: Count
+    n: Count
+    n_max: Count
     alpha: Annotated[float, Field(gt=0, lt=1)]
-    batch_size: PosInt
+    batch_size: Count
     precision: Precision
-    seed: int
+    seed: Seed
 
 
 class ReportSettings(Section):
-    radii: Annotated[list[NonNegFloat], Field(min_length=1)]
+    radii: Annotated[list[Radius], Field(min_length=1)]
 
 
 Name = Annotated[str, Field(pattern=r"^[a-z0-9_]+$")]  # names that become folder names
@@ -238,29 +257,29 @@ class DefenseSettings(Section):
 
 
 class PGDSettings(Section):
-    steps: PosInt
+    steps: Count
     step_size: Probability
     random_start: bool
 
 
 class SquareSettings(Section):
-    queries: PosInt
+    queries: Count
     p_init: Annotated[float, Field(gt=0, le=1)]
 
 
 class AttackSettings(Section):
     """l-infinity attacks on every classifier of defense.classifiers, through its defense at each test sigma."""
 
-    examples: PosInt
-    batch_size: PosInt
-    test_sigmas: list[NonNegFloat]
+    examples: Count
+    batch_size: Count
+    test_sigmas: list[Annotated[float, Number, Field(ge=0, le=10)]]
     eps: Probability
     pgd: PGDSettings
-    eot: PosInt
+    eot: Count
     square: SquareSettings
     autoattack: list[Literal["standard", "rand"]]
     figure: Name
-    seed: int
+    seed: Seed
 
     @model_validator(mode="after")
     def _check(self) -> "AttackSettings":
@@ -276,7 +295,8 @@ class AttackSettings(Section):
 class Params(Section):
     """All of params.yaml, the one place of every setting that changes a result (no field has a default)."""
 
-    sigmas: Annotated[list[PosFloat], Field(min_length=1)]
+    sigmas: Annotated[list[Sigma], Field(min_length=1)]
+    cpu_threads: Annotated[int, Number, Field(ge=1, le=1024)]  # changes float summation order on a CPU
     data: DataSettings
     model: ModelSettings
     pretrain: PretrainSettings
@@ -394,7 +414,6 @@ class Runtime(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     workers: Annotated[int, Field(ge=0)] = 0
     progress: bool = True
-    threads: Annotated[int, Field(ge=0)] = 0  # 0: torch's default
 
     def torch_device(self):
         import torch

@@ -9,10 +9,9 @@ import typer
 from dmae.data import load_split, read_meta
 from dmae.defense.robustness import Chain, attack_examples, evaluate_chains
 from dmae.report.attack import write_attack_outputs
-from stages import paths
-from stages.common import PARAMS_OPTION, discard_state, resolved, setup, state_path, user_errors, write_settings
+from stages import paths, resolved
+from stages.common import PARAMS_OPTION, check_prepared, setup, user_errors, work_state, write_settings
 
-SECTIONS = ["data", "model", "defense", "attack"]
 SHOW = 8  # examples in the figure of adversarial examples
 
 
@@ -34,16 +33,19 @@ def main(
     """
     params, runtime, device = setup(params_path)
     cfg = params.attack
-    settings = resolved(params, SECTIONS)
-    state = state_path("attack", settings)
+    check_prepared(data, params)
+    settings = resolved.attack(params)
     meta = read_meta(data)
     chains = [Chain(name, paths.defense_classifier(name, models),
                     paths.pretrained(spec.denoiser, models) if spec.denoiser else None,
                     params.denoiser_settings(spec.denoiser).norm_pix_loss if spec.denoiser else True)
               for name, spec in params.defense.classifiers.items()]
-    x, y = attack_examples(load_split(data, "test"), cfg.examples, cfg.seed)
-    rows, shown = evaluate_chains(chains, params.model.config(meta), meta["num_classes"], x, y, cfg, device=device,
-                                  state_path=state, show=SHOW, progress=runtime.progress)
-    write_attack_outputs(rows, shown, cfg, params.data.dataset, len(x), out)
-    write_settings(out / "settings.json", settings)
-    discard_state(state)
+    inputs = [data, *sorted({p for c in chains for p in (c.classifier, c.denoiser) if p})]
+    with work_state("attack", out, settings, inputs) as state:
+        x, y = attack_examples(load_split(data, "test"), cfg.examples, cfg.seed)
+        rows, shown = evaluate_chains(chains, params.model.config(meta), meta["num_classes"], x, y, cfg,
+                                      device=device, state_path=state.path("rows.pt"), show=SHOW,
+                                      progress=runtime.progress)
+        write_attack_outputs(rows, shown, cfg, params.data.dataset, len(x), out)
+        write_settings(out / "settings.json", settings)
+        state.finish()

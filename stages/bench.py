@@ -10,6 +10,7 @@ from rich.console import Console
 
 from dmae.settings import Runtime, load_params, load_runtime
 from dmae.util.errors import UserError
+from dmae.util.progress import say
 from stages.common import PARAMS_OPTION, user_errors
 from tools.bench import TARGETS, rich_table, run_bench, write_report
 
@@ -45,12 +46,11 @@ def main(
         raise UserError(f"--preset {preset!r}: expected one of {', '.join(TARGETS)}")
     params = load_params(params_path)
     runtime = load_runtime()
-    if runtime.threads:
-        torch.set_num_threads(runtime.threads)
+    torch.set_num_threads(params.cpu_threads)
     overrides = {k: v for k, v in {"n": n, "n0": n0, "images": images, "batch_size": batch_size,
                                    "train_batch": train_batch, "rounds": rounds}.items() if v is not None}
     report = run_bench(preset, params, device=_device(device, runtime), quick=quick, compile=compile,
                        progress=runtime.progress, **overrides)
     Console().print(rich_table(report))
     for path in write_report(report, out):
-        Console(stderr=True).print(f"wrote {path}")
+        say(f"wrote {path}")

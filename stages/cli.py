@@ -1,26 +1,55 @@
 """The `dmae` command: one sub-command per pipeline stage (what `dvc repro` runs, runnable by hand), plus the
-commands beside the pipeline (import-checkpoint, use-preset, bench)."""
+commands beside the pipeline (import-checkpoint, use-preset, bench).
+
+`main` (the console script) imports only the module of the command it runs: the stages import different parts of
+the library (each costs seconds), and `dvc repro` starts one process per stage. `app` holds every command.
+"""
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import typer
 
-from stages import (attack, bench, certify, finetune, finetune_defense, import_checkpoint, prepare, pretrain, report,
-                    use_preset)
+COMMANDS = {  # command -> module:function
+    "settings": "stages.settings:main",
+    "prepare": "stages.prepare:main",
+    "pretrain": "stages.pretrain:main",
+    "finetune": "stages.finetune:main",
+    "certify": "stages.certify:main",
+    "certify-merge": "stages.certify:merge",
+    "finetune-defense": "stages.finetune_defense:main",
+    "attack": "stages.attack:main",
+    "report": "stages.report:main",
+    "import-checkpoint": "stages.import_checkpoint:main",
+    "use-preset": "stages.use_preset:main",
+    "bench": "stages.bench:main",
+}
+HELP = ("dmae: denoising (masked) autoencoders for certified and adversarial robustness.\n\n"
+        "Each command is one DVC stage; `dvc repro` runs them in order. Settings come from params.yaml; "
+        "DMAE_DEVICE, DMAE_WORKERS, DMAE_PROGRESS and DMAE_STATE_DIR tune the machine.")
 
-app = typer.Typer(
-    help="dmae: denoising (masked) autoencoders for certified and adversarial robustness.\n\n"
-         "Each command is one DVC stage; `dvc repro` runs them in order. Settings come from params.yaml; "
-         "DMAE_DEVICE, DMAE_WORKERS, DMAE_THREADS and DMAE_PROGRESS tune the machine, never the results.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-app.command("prepare")(prepare.main)
-app.command("pretrain")(pretrain.main)
-app.command("finetune")(finetune.main)
-app.command("certify")(certify.main)
-app.command("certify-merge")(certify.merge)
-app.command("finetune-defense")(finetune_defense.main)
-app.command("attack")(attack.main)
-app.command("report")(report.main)
-app.command("import-checkpoint")(import_checkpoint.main)
-app.command("use-preset")(use_preset.main)
-app.command("bench")(bench.main)
+
+def build(names) -> typer.Typer:
+    """A Typer app with the named commands."""
+    app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                      rich_markup_mode=None,  # help is plain text: "[default: ...]" and [brackets] print as written
+                      context_settings={"max_content_width": 120})
+    app.callback()(lambda: None)  # a group even with one command: `dmae certify ...` keeps its name
+    for name in names:
+        module, function = COMMANDS[name].split(":")
+        app.command(name)(getattr(importlib.import_module(module), function))
+    return app
+
+
+def main() -> None:
+    wanted = [sys.argv[1]] if len(sys.argv) > 1 and sys.argv[1] in COMMANDS else list(COMMANDS)
+    build(wanted)()
+
+
+
+def __getattr__(name: str):
+    if name == "app":  # every command (tests, `python -c "from stages.cli import app"`); built on first use
+        return build(COMMANDS)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

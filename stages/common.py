@@ -1,10 +1,10 @@
-"""What every stage shares: reading params, runtime knobs, the user-error boundary, writing settings."""
+"""What every stage shares: reading params, runtime knobs, the user-error boundary, settings, work in progress."""
 
 from __future__ import annotations
 
 import functools
+import json
 import os
-import shutil
 import signal
 import threading
 from pathlib import Path
@@ -13,14 +13,17 @@ from typing import Callable
 import torch
 import typer
 
+import dmae
 from dmae.settings import Params, Runtime, load_params, load_runtime
 from dmae.util.errors import UserError
-from dmae.util.io import dumps_json, write_json
-from dmae.util.progress import console
-from dmae.util.seeding import derive_seed
+from dmae.util.io import write_json
+from dmae.util.progress import say
+from dmae.util.state import WorkState, code_version, content_hash
+import stages
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="The params file to read.")
-STATE_ROOT = Path(".dmae-state")  # resume checkpoints: outside DVC outs, so `dvc repro` does not delete them
+STATE_ROOT = Path(".dmae-state")  # work in progress: outside DVC outs, so `dvc repro` does not delete it
+INTERRUPTED = "interrupted: the last checkpoint is kept; rerun the same command to resume"
 
 
 def _terminate(signum, frame):
@@ -39,31 +42,21 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            say(f"error: {exc}", style="bold red")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted: the last checkpoint is kept; rerun the same command to resume[/]")
+            say(INTERRUPTED, style="yellow")
             raise typer.Exit(130) from None
     return wrapper
 
 
 def setup(params_path: Path) -> tuple[Params, Runtime, torch.device]:
-    """Validate params and environment before any work; configure threads."""
+    """Validate params and environment before any work; set the CPU threads (params cpu_threads)."""
     params = load_params(params_path)
     runtime = load_runtime()
     device = runtime.torch_device()
-    if runtime.threads:
-        torch.set_num_threads(runtime.threads)
+    torch.set_num_threads(params.cpu_threads)
     return params, runtime, device
-
-
-def resolved(params: Params, sections: list[str], **extra) -> dict:
-    """The named params sections as plain JSON-able data, plus stage-specific extras (e.g. the sigma)."""
-    out = {}
-    for name in sections:
-        value = getattr(params, name)
-        out[name] = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
-    return {**out, **extra}
 
 
 def check_sigma(sigma: float, sigmas: list[float]) -> None:
@@ -71,17 +64,30 @@ def check_sigma(sigma: float, sigmas: list[float]) -> None:
         raise UserError(f"--sigma {sigma} is not one of params sigmas {sigmas}")
 
 
+def check_prepared(data: Path, params: Params) -> None:
+    """The prepared data set must be the one params.data describes (a stale data/prepared is refused)."""
+    path = data / "settings.json"
+    if not path.is_file():  # prepared by the library directly: nothing recorded to compare
+        return
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("data", {})
+    except (ValueError, AttributeError):
+        raise UserError(f"{path}: not the settings file `dmae prepare` writes; prepare the data again") from None
+    wanted = params.data.model_dump(mode="json")
+    changed = [f"data.{k} {recorded.get(k)!r} (params: {v!r})" for k, v in wanted.items() if recorded.get(k) != v]
+    if changed:
+        raise UserError(f"{data} was prepared with other data settings: {'; '.join(changed)}; run `dmae prepare` "
+                        f"(or `dvc repro`) first")
+
+
 def write_settings(path: Path, settings: dict) -> None:
     """The resolved settings a stage ran with, beside its outputs (no paths or times: DVC hashes this)."""
     write_json(path, settings)
 
 
-def state_path(stage: str, settings: dict) -> Path:
-    """Resume file for a stage, keyed by a hash of its settings, so a changed param never resumes stale work."""
-    digest = f"{derive_seed(dumps_json(settings)):016x}"
-    return Path(os.environ.get("DMAE_STATE_DIR", STATE_ROOT)) / stage / digest / "state.pt"
-
-
-def discard_state(state_path: Path) -> None:
-    """Remove a finished stage's resume folder."""
-    shutil.rmtree(state_path.parent, ignore_errors=True)
+def work_state(stage: str, output: Path, settings: dict, inputs: list[Path]) -> WorkState:
+    """The work in progress of `output` (use as a context manager): locked, and resumed only by a run with the
+    same settings, the same inputs (content hashes of the models and data it reads) and the same code."""
+    fingerprint = {"settings": settings, "inputs": {str(p): content_hash(p) for p in inputs},
+                   "code": code_version(Path(dmae.__file__).parent, Path(stages.__file__).parent)}
+    return WorkState(Path(os.environ.get("DMAE_STATE_DIR", STATE_ROOT)), stage, output, fingerprint)

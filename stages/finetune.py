@@ -8,11 +8,8 @@ import typer
 
 from dmae.train.finetune import finetune_classifier, noisy_inputs
 from dmae.util import distributed as dist
-from stages import paths
-from stages.common import (PARAMS_OPTION, check_sigma, discard_state, resolved, setup, state_path, user_errors,
-                           write_settings)
-
-SECTIONS = ["data", "model", "finetune"]
+from stages import paths, resolved
+from stages.common import PARAMS_OPTION, check_prepared, check_sigma, setup, user_errors, work_state, write_settings
 
 
 @user_errors
@@ -33,11 +30,13 @@ def main(
     device = dist.init_from_env(device)
     check_sigma(sigma, params.sigmas)
     out, results = out or paths.finetuned(sigma), results or paths.finetune_results(sigma)
-    settings = resolved(params, SECTIONS, sigma=sigma)
-    state = state_path("finetune", settings)
-    finetune_classifier(params.finetune, params.model, noisy_inputs(params.finetune, sigma), data,
-                        pretrained=pretrained, out=out, results=results, device=device, state_path=state,
-                        workers=runtime.workers, progress=runtime.progress)
-    if dist.is_main():
-        write_settings(out / "settings.json", settings)
-        discard_state(state)
+    check_prepared(data, params)
+    settings = resolved.finetune(params, sigma)
+    inputs = [data] + ([pretrained] if params.finetune.init == "pretrained" else [])
+    with work_state("finetune", out, settings, inputs) as state:
+        finetune_classifier(params.finetune, params.model, noisy_inputs(params.finetune, sigma), data,
+                            pretrained=pretrained, out=out, results=results, device=device,
+                            state_path=state.path("state.pt"), workers=runtime.workers, progress=runtime.progress)
+        if dist.is_main():
+            write_settings(out / "settings.json", settings)
+        state.finish()

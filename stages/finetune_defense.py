@@ -12,8 +12,8 @@ from dmae.models.autoencoder import load_autoencoder
 from dmae.train.finetune import finetune_classifier
 from dmae.util import distributed as dist
 from dmae.util.errors import UserError
-from stages import paths
-from stages.common import PARAMS_OPTION, discard_state, resolved, setup, state_path, user_errors, write_settings
+from stages import paths, resolved
+from stages.common import PARAMS_OPTION, check_prepared, setup, user_errors, work_state, write_settings
 
 
 @user_errors
@@ -38,23 +38,22 @@ def main(
         raise UserError(f"--classifier {classifier!r} is not a key of params defense.classifiers "
                         f"({', '.join(params.defense.classifiers)})")
     spec = params.defense.classifiers[classifier]
+    check_prepared(data, params)
     cfg, sigma_max = params.defense_finetune(), params.defense.train_sigma_max
+    encoder = paths.pretrained(spec.encoder, models)
+    denoiser_dir = paths.pretrained(spec.denoiser, models) if spec.input == "denoised" else None
     denoiser, norm_pix_loss = None, True
-    if spec.input == "denoised":
-        model_cfg = params.model.config(read_meta(data))
-        denoiser = load_autoencoder(paths.pretrained(spec.denoiser, models), model_cfg).to(device)
+    if denoiser_dir:
+        denoiser = load_autoencoder(denoiser_dir, params.model.config(read_meta(data))).to(device)
         norm_pix_loss = params.denoiser_settings(spec.denoiser).norm_pix_loss
-    pretrained = {name: params.denoiser_settings(name).model_dump(mode="json")
-                  for name in {spec.encoder, spec.denoiser} - {None}}
-    settings = {**resolved(params, ["data", "model"]), "finetune": cfg.model_dump(mode="json"),
-                "classifier": {"name": classifier, **spec.model_dump(mode="json")}, "train_sigma_max": sigma_max,
-                "pretrained": pretrained}
+    settings = resolved.finetune_defense(params, classifier)
     out = out or paths.defense_classifier(classifier)
-    state = state_path("finetune", settings)
-    finetune_classifier(cfg, params.model, DefenseInputs(spec.input, sigma_max, denoiser, norm_pix_loss), data,
-                        pretrained=paths.pretrained(spec.encoder, models), out=out,
-                        results=results or paths.defense_results(classifier), device=device, state_path=state,
-                        workers=runtime.workers, progress=runtime.progress)
-    if dist.is_main():
-        write_settings(out / "settings.json", settings)
-        discard_state(state)
+    inputs = [data, encoder] + ([denoiser_dir] if denoiser_dir else [])
+    with work_state("finetune", out, settings, inputs) as state:
+        finetune_classifier(cfg, params.model, DefenseInputs(spec.input, sigma_max, denoiser, norm_pix_loss), data,
+                            pretrained=encoder, out=out, results=results or paths.defense_results(classifier),
+                            device=device, state_path=state.path("state.pt"), workers=runtime.workers,
+                            progress=runtime.progress)
+        if dist.is_main():
+            write_settings(out / "settings.json", settings)
+        state.finish()

@@ -13,7 +13,7 @@ import typer
 
 from dmae.models.imports import import_checkpoint, model_config
 from dmae.util.errors import UserError
-from dmae.util.progress import console
+from dmae.util.progress import say
 from stages.common import user_errors
 
 
@@ -57,12 +57,12 @@ def main(
     """
     cfg = model_config(preset, img_size, patch_size, in_chans, _floats("--mean", mean), _floats("--std", std))
     result = import_checkpoint(src, out, kind.value, cfg)
-    console.print(f"read {src}: {result.container}")
-    console.print(f"wrote {out} as {result.kind} (preset {preset}, {result.num_params / 1e6:.1f}M parameters, "
-                  f"sha256 of the source {result.sha256[:16]}...)", highlight=False)
+    say(f"read {src}: {result.container}")
+    say(f"wrote {out} as {result.kind} (preset {preset}, {result.num_params / 1e6:.1f}M parameters, "
+                  f"sha256 of the source {result.sha256[:16]}...)")
     if result.ignored:
-        console.print(f"ignored {len(result.ignored)} keys the {result.kind} does not use: "
+        say(f"ignored {len(result.ignored)} keys the {result.kind} does not use: "
                       f"{', '.join(result.ignored[:6])}{', ...' if len(result.ignored) > 6 else ''}")
     if result.kind != "classifier":
-        console.print(f"next: set `pretrain.init_from: {out}` in params.yaml (with `pretrain.epochs: 0` to use "
+        say(f"next: set `pretrain.init_from: {out}` in params.yaml (with `pretrain.epochs: 0` to use "
                       f"the weights as they are), then `dvc repro`")

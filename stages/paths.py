@@ -17,6 +17,7 @@ PRETRAIN_RESULTS = Path("results/pretrain")
 CERTIFY_RESULTS = Path("results/certify")
 ATTACK_RESULTS = Path("results/attack")
 REPORT = Path("results/report")
+SETTINGS = Path("results/settings")  # the resolved settings of every stage (the `settings` stage)
 
 
 def pretrained(name: str, models: Path = MODELS) -> Path:
@@ -46,3 +47,8 @@ def defense_classifier(name: str, models: Path = MODELS) -> Path:
 
 def defense_results(name: str) -> Path:
     return Path("results/defense") / name
+
+
+def timing(output: Path) -> Path:
+    """Seconds per example of a certification output: outside every DVC output and dependency, as times vary."""
+    return Path("results/timings") / f"certify-{Path(output).stem}.tsv"

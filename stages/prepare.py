@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 
 from dmae.data import prepare_dataset
-from stages import paths
-from stages.common import PARAMS_OPTION, resolved, setup, user_errors, write_settings
+from stages import paths, resolved
+from stages.common import PARAMS_OPTION, setup, user_errors, write_settings
 
 
 @user_errors
@@ -22,6 +22,6 @@ def main(
     """
     params, _, _ = setup(params_path)
     meta = prepare_dataset(params.data.dataset, out, **params.data.prepare_options())
-    write_settings(out / "settings.json", resolved(params, ["data"]))
+    write_settings(out / "settings.json", resolved.prepare(params))
     sizes = ", ".join(f"{k} {v}" for k, v in meta.get("splits", {}).items())
     print(f"prepared {params.data.dataset}: {sizes}")

@@ -10,10 +10,8 @@ from dmae.settings import MAIN_DENOISER
 from dmae.train.pretrain import pretrain_autoencoder
 from dmae.util import distributed as dist
 from dmae.util.errors import UserError
-from stages import paths
-from stages.common import PARAMS_OPTION, discard_state, resolved, setup, state_path, user_errors, write_settings
-
-SECTIONS = ["data", "model", "pretrain"]
+from stages import paths, resolved
+from stages.common import PARAMS_OPTION, check_prepared, setup, user_errors, work_state, write_settings
 
 
 @user_errors
@@ -41,12 +39,12 @@ def main(
     cfg = params.denoiser_settings(variant) if variant else params.pretrain
     name = variant or MAIN_DENOISER
     out, results = out or paths.pretrained(name), results or paths.pretrain_results(name)
-    settings = resolved(params, SECTIONS)
-    if variant:
-        settings.update(pretrain=cfg.model_dump(mode="json"), variant=variant)
-    state = state_path("pretrain", settings)
-    pretrain_autoencoder(cfg, params.model, data, out=out, results=results, device=device, state_path=state,
-                         workers=runtime.workers, progress=runtime.progress)
-    if dist.is_main():
-        write_settings(out / "settings.json", settings)
-        discard_state(state)
+    check_prepared(data, params)
+    settings = resolved.pretrain(params, variant)
+    inputs = [data] + ([Path(cfg.init_from)] if cfg.init_from else [])
+    with work_state("pretrain", out, settings, inputs) as state:
+        pretrain_autoencoder(cfg, params.model, data, out=out, results=results, device=device,
+                             state_path=state.path("state.pt"), workers=runtime.workers, progress=runtime.progress)
+        if dist.is_main():
+            write_settings(out / "settings.json", settings)
+        state.finish()

@@ -9,7 +9,7 @@ import typer
 from dmae.settings import load_params
 from dmae.util.errors import UserError
 from dmae.util.io import atomic_write_text
-from dmae.util.progress import console
+from dmae.util.progress import say
 from stages.common import user_errors
 
 PRESETS_DIR = Path("presets")
@@ -34,5 +34,5 @@ def main(
         raise UserError(f"unknown preset {name!r}; presets: {known}")
     load_params(source)
     atomic_write_text(params_path, source.read_text(encoding="utf-8"))
-    console.print(f"{params_path} now holds {source} (`git diff {params_path}` shows what changed); "
-                  f"next: `dvc repro`", highlight=False)
+    say(f"{params_path} now holds {source} (`git diff {params_path}` shows what changed); "
+                  f"next: `dvc repro`")

@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-from dmae.models.autoencoder import DenoisingMAE, ModelConfig
+from dmae.models.architectures import ModelConfig
+from dmae.models.autoencoder import DenoisingMAE
 from dmae.models.classifier import Classifier
 from dmae.smoothing import ESTIMATION, NOISE_BLOCK, Smooth, block_seed
 from dmae.util.accel import Compiled, largest_batch

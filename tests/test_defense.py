@@ -11,7 +11,8 @@ from dmae.defense import robustness
 from dmae.defense.attacks import input_gradient
 from dmae.defense.chain import Defense, DefenseInputs
 from dmae.defense.robustness import columns, craft, evaluate_defense
-from dmae.models.autoencoder import DenoisingMAE, ModelConfig
+from dmae.models.architectures import ModelConfig
+from dmae.models.autoencoder import DenoisingMAE
 from dmae.models.classifier import Classifier
 from dmae.settings import deep_merge, parse_params
 from dmae.util.errors import UserError

@@ -32,7 +32,7 @@ def run(args, nproc=1, env=None):
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    params = params_with({**TINY, "pretrain": {**TINY["pretrain"], "accum_steps": 2},
+    params = params_with({**TINY, "cpu_threads": 1, "pretrain": {**TINY["pretrain"], "accum_steps": 2},
                           "finetune": {**TINY["finetune"], "drop_path": 0.0, "epochs": 2}})
     Path("params.yaml").write_text(yaml.safe_dump(params))
     env = {"DMAE_STATE_DIR": str(tmp_path / "state"), "DMAE_PROGRESS": "0"}

@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from typer.testing import CliRunner
 
-from dmae.models.autoencoder import DenoisingMAE, ModelConfig, encoder_state_dict_from
+from dmae.models.architectures import ModelConfig
+from dmae.models.autoencoder import DenoisingMAE, encoder_state_dict_from
 from dmae.models.checkpoint import load_weights
 from dmae.models.classifier import Classifier, load_classifier
 from dmae.models.imports import convert, import_checkpoint, model_config

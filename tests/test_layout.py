@@ -17,7 +17,7 @@ from tests.conftest import REPO
 LAYERS = ["dmae", "dmae.util", "dmae.data", "dmae.models", "dmae.settings", "dmae.train", "dmae.smoothing",
           "dmae.defense", "dmae.report", "tools", "stages"]
 PROJECT = ("dmae", "stages", "tools")
-STAGE_SUPPORT = {"stages.common", "stages.paths", "stages.cli", "stages"}  # shared by the stage modules
+STAGE_SUPPORT = {"stages.common", "stages.paths", "stages.resolved", "stages.cli", "stages"}  # shared by stages
 
 
 def module_file(module: str) -> Path | None:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dmae.models.architectures import ARCHITECTURES
-from dmae.models.autoencoder import DenoisingMAE, ModelConfig, sincos_pos_embed
+from dmae.models.architectures import ModelConfig
+from dmae.models.autoencoder import DenoisingMAE, sincos_pos_embed
 from dmae.settings import NoiseSettings
 from dmae.train.noise import add_noise, keyed_normal, sample_sigma
 from tests.conftest import REPO_PARAMS

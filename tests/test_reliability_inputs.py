@@ -31,9 +31,11 @@ from dmae.settings import load_params
 from dmae.smoothing.certify import CertifyRow, write_certify_tsv
 from dmae.train.loop import resume as resume_training
 from dmae.util.errors import UserError
+from dmae.util.io import write_json
 from dmae.util.state import load_state, save_state
+from stages import paths, resolved
 from stages.cli import app
-from stages.common import resolved, state_path
+from stages.common import work_state
 from tests.conftest import params_with, settings
 from tests.test_certify import test_malformed_tsv_names_file_and_line as _malformed_tsv_test
 from tests.test_settings import BAD as SETTINGS_BAD
@@ -115,6 +117,27 @@ NEW_BAD = [
     ({"sigmas": []}, "sigmas = []"),
     ({"sigmas": [0.12]}, "finetune.consistency.eta has no value for sigma [0.12]"),
     ({"report": {"radii": []}}, "report.radii = []"),
+    # true/false is not a number, and numbers have a range (not only a sign)
+    ({"data": {"image_size": True}}, "data.image_size = True: expected a number, not true/false"),
+    ({"cpu_threads": True}, "cpu_threads = True"),
+    ({"cpu_threads": 0}, "cpu_threads = 0"),
+    ({"sigmas": [1e300]}, "sigmas.0 = 1e+300: Input should be less than or equal to 10"),
+    ({"pretrain": {"noise": {"sigma": 1e30}}}, "pretrain.noise.sigma = 1e+30: Input should be less than or equal"),
+    ({"pretrain": {"noise": {"sigma": 50}}}, "sigma = 50.0: a noise level must be at most 10 ([0,1] pixel units)"),
+    ({"pretrain": {"noise": {"dist": "gamma", "shape": 25, "scale": 3, "high": 300, "per255": True}}},
+     "high = 300.0: a noise level must be at most 255 (0-255 units)"),
+    ({"data": {"seed": -1}}, "data.seed = -1"),
+    ({"finetune": {"base_lr": 100}}, "finetune.base_lr = 100: Input should be less than or equal to 10"),
+    ({"certify": {"n": 10**12}}, "certify.n = 1000000000000: Input should be less than or equal to 1000000000"),
+    ({"certify": {"method": "fast"}}, "certify.method = 'fast'"),
+    ({"certify": {"n_max": 0}}, "certify.n_max = 0"),
+    ({"attack": {"test_sigmas": [0.0, 20]}}, "attack.test_sigmas.1 = 20"),
+    ({"report": {"radii": [0.0, 1000]}}, "report.radii.1 = 1000"),
+    ({"model": {"img_size": 10**6}}, "model.img_size = 1000000"),
+    # values and keys holding rich markup are printed as they are, never interpreted
+    ({"model": {"preset": "[/x]"}}, "unknown preset '[/x]'"),
+    ({"data": {"dataset": "[bold]digits"}}, "data.dataset = '[bold]digits'"),
+    ({"[red]": 1}, "[red]: unknown key"),
 ]
 CLI_BAD = [*SETTINGS_BAD, *NEW_BAD]
 
@@ -132,7 +155,7 @@ def empty_project(tmp_path, monkeypatch) -> Path:
 
 
 def test_enough_invalid_params_cases():
-    assert len(CLI_BAD) >= 60
+    assert len(CLI_BAD) >= 80
     assert len({m for _, m in CLI_BAD}) == len(CLI_BAD)
 
 
@@ -331,9 +354,11 @@ def test_state_of_other_code_is_refused(tmp_path):
             resume_training(path, model, optimizer)
 
 
-def _finetune_state_path(params_path: Path) -> Path:
-    from stages.finetune import SECTIONS
-    return state_path("finetune", resolved(load_params(params_path), SECTIONS, sigma=0.25))
+def _finetune_state_path(params_path: Path, data: Path) -> Path:
+    """The resume file `dmae finetune --sigma 0.25` (init: scratch) reads, recorded as made from these inputs."""
+    state = work_state("finetune", paths.finetuned(0.25), resolved.finetune(load_params(params_path), 0.25), [data])
+    write_json(state.path("fingerprint.json"), state.fingerprint)
+    return state.path("state.pt")
 
 
 def _truncated_state(path: Path, marker: Path) -> None:
@@ -352,8 +377,7 @@ def test_damaged_resume_state_refused_by_the_stage(tiny_params, digits_dir, dama
     raw = yaml.safe_load(tiny_params.read_text())
     raw["finetune"]["init"] = "scratch"
     tiny_params.write_text(yaml.safe_dump(raw))
-    path, marker = _finetune_state_path(tiny_params), Path("pwned").resolve()
-    path.parent.mkdir(parents=True)
+    path, marker = _finetune_state_path(tiny_params, digits_dir), Path("pwned").resolve()
     if damage == "garbage":
         path.write_bytes(os.urandom(1000))
     elif damage == "truncated":
@@ -409,7 +433,7 @@ MALFORMED_TSV = next(m.args[1] for m in _malformed_tsv_test.pytestmark if m.name
 
 @pytest.mark.parametrize("text, where", MALFORMED_TSV)
 def test_malformed_certification_file_refused_by_report(tiny_params, text, where):
-    rows = [CertifyRow(i, 1, 1, 0.25, 1, 0.5) for i in range(3)]
+    rows = [CertifyRow(i, 1, 1, 0.25, 1, 500) for i in range(3)]
     write_certify_tsv("results/certify/sigma-0.5.tsv", rows)
     Path("results/certify/sigma-0.25.tsv").write_text(text)
     result = run_cli("report")
@@ -426,10 +450,9 @@ def test_outputs_are_readable_by_others(tiny_params, digits_dir, classifier_dir)
 
 
 def test_resume_state_is_keyed_by_every_setting(tiny_params):
-    """A changed param never resumes stale work: each setting of the stage moves its resume file elsewhere."""
-    from stages.finetune import SECTIONS
-
-    def key(**changes) -> Path:
+    """A changed param never resumes stale work: each setting of the stage changes the fingerprint its work in
+    progress is kept under (a run with another fingerprint discards it: tests/test_reliability_identity.py)."""
+    def key(**changes) -> str:
         raw = yaml.safe_load(tiny_params.read_text())
         sigma = changes.pop("sigma", 0.25)
         for dotted, value in changes.items():
@@ -437,10 +460,47 @@ def test_resume_state_is_keyed_by_every_setting(tiny_params):
             raw.setdefault(section, {})[name] = value
         path = Path("variant.yaml")
         path.write_text(yaml.safe_dump(raw))
-        return state_path("finetune", resolved(load_params(path), SECTIONS, sigma=sigma))
+        state = work_state("finetune", paths.finetuned(sigma), resolved.finetune(load_params(path), sigma), [])
+        return json.dumps(state.fingerprint, sort_keys=True)
 
     base = key()
     assert key() == base  # stable (a blake2b hash, not Python's salted hash)
     variants = [key(sigma=0.5), key(finetune__seed=1), key(finetune__base_lr=1e-3), key(data__seed=1),
                 key(model__patch_size=8), key(finetune__precision="bf16")]
     assert len({base, *variants}) == 1 + len(variants)
+
+
+def test_paths_with_markup_are_printed_as_given(tiny_params):
+    result = run_cli("pretrain", "--data", "data/[bold]x[/]")
+    assert_user_error(result, "data/[bold]x[/]/meta.json not found")
+
+
+def test_long_messages_are_not_wrapped(tiny_params):
+    """A log file or pipe gets each message on one line, not folded at 80 columns."""
+    result = run_cli("pretrain", "--data", "a/rather/long/path/to/a/prepared/data/set/that/does/not/exist")
+    message = ("a/rather/long/path/to/a/prepared/data/set/that/does/not/exist/meta.json not found; run the data "
+               "preparation stage first")
+    assert result.exit_code == 2 and any(message in line for line in result.output.splitlines()), result.output
+
+
+@pytest.mark.parametrize("command", [["finetune", "--help"], ["certify", "--help"]])
+def test_help_shows_defaults(command):
+    text = squeezed(run_cli(*command).output)  # the help formatter may wrap inside a long path
+    assert "[default:data/prepared]" in text and "[default:models/finetune/sigma-SIGMA]" in text
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--patch-size", "0", "--patch-size 0: must be between 1 and 4096"),
+    ("--img-size", "-16", "--img-size -16: must be between 1 and 4096"),
+    ("--std", "nan", "every value must be a finite number"),
+    ("--mean", "inf", "every value must be a finite number"),
+])
+def test_import_checkpoint_option_values_refused(tmp_path, option, value, message):
+    src = tmp_path / "x.pth"
+    torch.save({"w": torch.zeros(1)}, src)
+    args = {"--preset": "tiny", "--img-size": "16", "--patch-size": "4", "--in-chans": "1", "--mean": "0.5",
+            "--std": "0.25", option: value}
+    result = run_cli("import-checkpoint", str(src), "--out", str(tmp_path / "o"),
+                     *[x for kv in args.items() for x in kv])
+    assert_user_error(result, message)
+    assert not (tmp_path / "o").exists()

@@ -2,10 +2,10 @@
 
 Each stage runs in a subprocess on tiny settings. SIGKILL (no chance to clean up) lands right after an epoch
 checkpoint, or mid-epoch, or after some certified rows; rerunning the same command resumes and must give the
-same bytes: model.safetensors, config/settings JSON, metrics and figures of training; the certification TSV
-except its time column. SIGTERM and SIGINT must end the command with exit 130 and one message, keep a resumable
-checkpoint, and the rerun completes to the same result. While a command runs, every output that is visible under
-its final name is checked to be complete (outputs are written through dmae.io.atomic_path).
+same bytes: model.safetensors, config/settings JSON, metrics and figures of training; the certification TSV.
+SIGTERM and SIGINT must end the command with exit 130 and one message, keep a resumable checkpoint, and the rerun
+completes to the same result. While a command runs, every output that is visible under its final name is checked
+to be complete (outputs are written through dmae.util.io.atomic_path).
 
 All slow: each test starts 2-3 processes (mostly import time on a small CPU).
 """
@@ -29,7 +29,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from dmae.smoothing.certify import HEADER, read_certify_tsv, work_path
+from dmae.smoothing.certify import HEADER, read_certify_tsv
 from dmae.util.state import load_state
 from tests.conftest import params_with
 
@@ -39,6 +39,7 @@ pytestmark = pytest.mark.slow
 # certification of 24 test images slow enough (N = 1000) to be caught half way.
 SETTINGS = {
     "sigmas": [0.25, 0.5],
+    "cpu_threads": 1,
     "data": {"image_size": 8, "test_every": 15, "val_fraction": 0.8},
     "model": {"preset": "tiny", "img_size": 8, "patch_size": 4},
     "pretrain": {"epochs": 4, "batch_size": 64, "warmup_epochs": 1},
@@ -115,7 +116,7 @@ def run(project: Path, stage: str, *, stop_when: Callable[[str, Path], bool] | N
         sig: int = signal.SIGKILL, timeout: float = 300) -> Run:
     """Run `dmae <stage>` in `project`; send `sig` once stop_when(stderr so far, project) holds (after `delay`)."""
     command, _, outputs = STAGES[stage]
-    env = {**os.environ, "DMAE_PROGRESS": "0", "DMAE_THREADS": "1", "DMAE_DEVICE": "cpu",
+    env = {**os.environ, "DMAE_PROGRESS": "0", "DMAE_DEVICE": "cpu",
            "DMAE_STATE_DIR": str(project / "state"), "COLUMNS": "200"}
     proc = subprocess.Popen([DMAE, *command], cwd=project, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=_restore_sigint)
@@ -157,11 +158,17 @@ def after_epoch(epoch: int) -> Callable[[str, Path], bool]:
     return lambda log, project: re.search(rf"epoch {epoch}/\d+:", log) is not None
 
 
+def certify_work(project: Path) -> Path:
+    """The certification work file, in the stage's work-in-progress folder (state/certify/<output>/)."""
+    found = list((project / "state" / "certify").glob("*/work.tsv"))
+    return found[0] if found else project / "state" / "certify" / "none" / "work.tsv"
+
+
 def after_rows(rows: int) -> Callable[[str, Path], bool]:
     """True once the certification work file holds `rows` finished rows."""
     def check(log: str, project: Path) -> bool:
         try:
-            text = work_path(project / f"results/certify/sigma-{SIGMA}.tsv").read_text()
+            text = certify_work(project).read_text()
         except FileNotFoundError:
             return False
         return text.count("\n") - 2 >= rows
@@ -194,19 +201,13 @@ def fresh_project(reference: Path, tmp_path: Path, stage: str) -> Path:
     return project
 
 
-def without_time(path: Path) -> list[str]:
-    return [line.rsplit("\t", 1)[0] for line in path.read_text().splitlines()]
-
-
 def assert_same_outputs(reference: Path, project: Path, stage: str) -> None:
     for rel in STAGES[stage][2]:
         got, want = project / rel, reference / rel
         assert got.is_file(), rel
+        assert got.read_bytes() == want.read_bytes(), f"{rel} differs from the uninterrupted run"
         if rel.endswith(".tsv") and "certify" in rel:
-            assert without_time(got) == without_time(want), rel
             read_certify_tsv(got)
-        else:
-            assert got.read_bytes() == want.read_bytes(), f"{rel} differs from the uninterrupted run"
     for rel in {str(Path(r).parent) for r in STAGES[stage][2] if r.startswith("models/")}:
         names = sorted(p.name for p in (project / rel).iterdir())  # no temporary files left in a DVC out folder
         assert names == sorted(p.name for p in (reference / rel).iterdir()), names
@@ -252,15 +253,15 @@ def test_training_killed_twice_resumes_bit_identical(reference, tmp_path, stage)
 
 def test_certify_killed_twice_resumes_to_the_same_rows(reference, tmp_path):
     project = fresh_project(reference, tmp_path, "certify")
-    partial = work_path(project / f"results/certify/sigma-{SIGMA}.tsv")
     first = run(project, "certify", stop_when=after_rows(3))
+    partial = certify_work(project)
     assert first.signalled and first.returncode == -signal.SIGKILL, first.stderr
     assert_no_final_outputs(project, "certify")
     rows_first = partial.read_text().count("\n") - 2
     second = run(project, "certify", stop_when=after_rows(rows_first + 5))
     assert second.signalled and second.returncode == -signal.SIGKILL, second.stderr
     assert_no_final_outputs(project, "certify")
-    kept = [line for line in partial.read_text().split("\n")[2:-1]]
+    kept = [line.rsplit("\t", 1)[0] for line in partial.read_text().split("\n")[2:-1]]  # without the seconds
     last = run(project, "certify")
     assert last.returncode == 0, last.stderr
     for r in (first, second, last):
@@ -268,7 +269,7 @@ def test_certify_killed_twice_resumes_to_the_same_rows(reference, tmp_path):
     assert not partial.exists()
     assert_same_outputs(reference, project, "certify")
     final = (project / f"results/certify/sigma-{SIGMA}.tsv").read_text().splitlines()
-    assert set(kept) <= {line for line in final}  # finished rows are kept as they were, time included
+    assert set(kept) <= {line for line in final}  # finished rows are kept as they were
 
 
 # -- SIGTERM and SIGINT --------------------------------------------------------------------------------------------
@@ -287,8 +288,7 @@ def test_signal_exits_130_keeps_a_checkpoint_and_resumes(reference, tmp_path, st
     assert squeezed(INTERRUPTED) in squeezed(stopped.stderr) and "Traceback" not in stopped.stderr
     assert_no_final_outputs(project, stage)
     if stage == "certify":
-        partial = work_path(project / f"results/certify/sigma-{SIGMA}.tsv")
-        assert partial.read_text().count("\n") - 2 >= 3
+        assert certify_work(project).read_text().count("\n") - 2 >= 3
     else:
         assert state_epoch(project, stage) >= 1
     rerun = run(project, stage)

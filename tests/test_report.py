@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dmae.defense.robustness import Row, columns
-from dmae.report.attack import section
+from dmae.report.attack import attack_metrics, section
 from dmae.report.certified import Summary, certification_metrics, load_runs
 from dmae.report.document import Figure, Heading, Paragraph, Table, from_json, to_json, to_markdown
 from dmae.smoothing.certify import HEADER
@@ -36,7 +36,7 @@ EXPECTED_BEST = [(4 / 6, 0.25), (3 / 6, 0.25), (2 / 6, 0.25), (2 / 6, 0.5), (1 /
 
 def write_tsv(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [HEADER] + ["\t".join(map(str, (*row, "0.0100"))) for row in rows]
+    lines = [HEADER] + ["\t".join(map(str, (*row, 500))) for row in rows]  # 500 samples
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -163,6 +163,7 @@ def write_attack_results(folder):
         plt.imsave(folder / f"{stem}.png", np.eye(4))
     blocks = section(rows, cfg, "digits", 64, ["tradeoff.png", "adversarial.png"])
     (folder / "attack.json").write_text(json.dumps(to_json(blocks)))
+    (folder / "metrics.json").write_text(json.dumps(attack_metrics(rows)))
     (folder / "settings.json").write_text(json.dumps({"attack": {"eot": 2}}))
 
 

@@ -27,7 +27,8 @@ import torch
 from rich.table import Table
 from timm.models.vision_transformer import Attention
 
-from dmae.models.autoencoder import DenoisingMAE, ModelConfig
+from dmae.models.architectures import ModelConfig
+from dmae.models.autoencoder import DenoisingMAE
 from dmae.models.classifier import Classifier
 from dmae.settings import Params, merged
 from dmae.smoothing import Smooth, certify_from_counts

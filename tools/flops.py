@@ -13,7 +13,7 @@ A training step costs 3x its forward (the backward pass is about twice the forwa
 
 from __future__ import annotations
 
-from dmae.models.autoencoder import ModelConfig
+from dmae.models.architectures import ModelConfig
 
 TRAIN_FACTOR = 3
 

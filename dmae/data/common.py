@@ -11,7 +11,6 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from sklearn.model_selection import train_test_split
 
 from dmae.util.errors import UserError
 from dmae.util.io import write_json
@@ -36,6 +35,8 @@ def holdout(indices: np.ndarray, labels: np.ndarray, size: float | int, seed: in
     if size == 0:
         return np.sort(indices), indices[:0]
     try:
+        from sklearn.model_selection import train_test_split  # here: scikit-learn takes seconds to import
+
         kept, held = train_test_split(indices, test_size=size, stratify=labels, random_state=seed)
     except ValueError as err:
         raise UserError(f"cannot hold out the {what} split (size {size!r}): {err}") from None

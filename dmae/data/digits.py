@@ -7,7 +7,6 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 
 from dmae.data.common import building_dir, check_split_options, holdout, save_tensor_split, write_meta
 
@@ -19,6 +18,8 @@ def prepare(out_dir: str | os.PathLike, *, image_size: int = 32, val_fraction: f
             test_every: int = 1) -> dict:
     """Write train/val/test safetensors (1 channel, `image_size` square, uint8) and meta.json into `out_dir`."""
     check_split_options(val_fraction, test_every, image_size)
+    from sklearn.datasets import load_digits  # here: scikit-learn takes seconds to import
+
     bunch = load_digits()
     images = torch.from_numpy(bunch.images).float().div(16).unsqueeze(1)  # [N, 1, 8, 8] in [0, 1]
     if image_size != NATIVE_SIZE:

@@ -11,7 +11,6 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
-from torchvision import transforms as T
 
 from dmae.data.common import SPLITS
 from dmae.util.errors import UserError
@@ -44,6 +43,7 @@ def _clamp01(x: torch.Tensor) -> torch.Tensor:
 def _tensor_transform(augment: str, image_size: int):
     if augment == "none":
         return None
+    from torchvision import transforms as T  # here: torchvision takes seconds to import
     steps = [T.RandomHorizontalFlip()]
     if augment == "rrc_flip":
         rrc = T.RandomResizedCrop(image_size, scale=RRC_SCALE, interpolation=T.InterpolationMode.BICUBIC,
@@ -53,6 +53,7 @@ def _tensor_transform(augment: str, image_size: int):
 
 
 def _pil_transform(augment: str, image_size: int):
+    from torchvision import transforms as T
     bicubic = T.InterpolationMode.BICUBIC
     if augment == "rrc_flip":
         steps = [T.RandomResizedCrop(image_size, scale=RRC_SCALE, interpolation=bicubic), T.RandomHorizontalFlip()]

@@ -26,10 +26,11 @@ import torch
 
 from dmae.defense.attacks import autoattack, fgsm, pgd, robust_accuracy, square_attack
 from dmae.defense.chain import Defense
-from dmae.models.autoencoder import ModelConfig, load_autoencoder
+from dmae.models.architectures import ModelConfig
+from dmae.models.autoencoder import load_autoencoder
 from dmae.models.classifier import load_classifier
 from dmae.settings import AttackSettings
-from dmae.util.progress import console, progress_bar
+from dmae.util.progress import log, progress_bar
 from dmae.util.seeding import derive_seed
 from dmae.util.state import load_state, save_state
 
@@ -159,8 +160,8 @@ def evaluate_chains(chains: list[Chain], model_cfg: ModelConfig, num_classes: in
             for sigma in cfg.test_sigmas if denoiser else [0.0]:
                 where = f"{chain.name} σ={sigma_label(sigma)}"
 
-                def log(column: str, accuracy: float, seconds: float) -> None:
-                    console.log(f"{where} {column}: accuracy {accuracy:.3f} ({seconds:.1f} s)")
+                def logged(column: str, accuracy: float, seconds: float) -> None:
+                    log(f"{where} {column}: accuracy {accuracy:.3f} ({seconds:.1f} s)")
                     bar.update(task, status=f"{where} {column}")
 
                 defense = Defense(denoiser, classifier, sigma, chain.norm_pix_loss)
@@ -168,7 +169,7 @@ def evaluate_chains(chains: list[Chain], model_cfg: ModelConfig, num_classes: in
                 key = f"{chain.name}|{sigma!r}"
                 if key not in done:
                     result = evaluate_defense(defense, x, y, cfg, key=(chain.name, sigma), keep=keep,
-                                              on_column=log)
+                                              on_column=logged)
                     done[key] = {"accuracy": result.accuracy, "shown": result.shown}
                     save_state(state_path, done)
                 rows.append(Row(chain.name, sigma, denoiser is not None, done[key]["accuracy"]))

@@ -6,7 +6,9 @@ Patch size and input size are params (model.patch_size, model.img_size); a prese
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+
+from dmae.util.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -31,3 +33,38 @@ ARCHITECTURES: dict[str, Architecture] = {
     "large": Architecture(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=512, decoder_depth=8,
                           decoder_num_heads=16),
 }
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model: saved as JSON beside its weights."""
+
+    preset: str
+    img_size: int
+    patch_size: int
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def arch(self) -> Architecture:
+        return ARCHITECTURES[self.preset]
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """From a checkpoint's config.json (extra keys such as `kind` are ignored)."""
+        fields = {"preset", "img_size", "patch_size", "in_chans", "mean", "std"}
+        missing = fields - d.keys()
+        if missing:
+            raise UserError(f"model config lacks {sorted(missing)}")
+        if d["preset"] not in ARCHITECTURES:
+            raise UserError(f"model config names unknown preset {d['preset']!r}")
+        kw = {k: d[k] for k in fields}
+        return cls(**{**kw, "mean": tuple(kw["mean"]), "std": tuple(kw["std"])})

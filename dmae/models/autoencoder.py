@@ -10,7 +10,6 @@ the noisy image; the decoder predicts every patch; the loss compares with the cl
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from functools import partial
 
 import numpy as np
@@ -20,44 +19,9 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from dmae.models.architectures import ARCHITECTURES, Architecture
+from dmae.models.architectures import ModelConfig
 from dmae.models.checkpoint import load_config, load_into, load_weights
 from dmae.util.errors import UserError
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything needed to rebuild a model: saved as JSON beside its weights."""
-
-    preset: str
-    img_size: int
-    patch_size: int
-    in_chans: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @property
-    def arch(self) -> Architecture:
-        return ARCHITECTURES[self.preset]
-
-    @property
-    def num_patches(self) -> int:
-        return (self.img_size // self.patch_size) ** 2
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        """From a checkpoint's config.json (extra keys such as `kind` are ignored)."""
-        fields = {"preset", "img_size", "patch_size", "in_chans", "mean", "std"}
-        missing = fields - d.keys()
-        if missing:
-            raise UserError(f"model config lacks {sorted(missing)}")
-        if d["preset"] not in ARCHITECTURES:
-            raise UserError(f"model config names unknown preset {d['preset']!r}")
-        kw = {k: d[k] for k in fields}
-        return cls(**{**kw, "mean": tuple(kw["mean"]), "std": tuple(kw["std"])})
 
 
 def sincos_pos_embed(dim: int, grid: int, cls_token: bool) -> torch.Tensor:

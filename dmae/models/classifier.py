@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from dmae.models.autoencoder import InputAdapter, ModelConfig
+from dmae.models.architectures import ModelConfig
+from dmae.models.autoencoder import InputAdapter
 from dmae.models.checkpoint import load_config, load_into, load_weights
 from dmae.util.errors import UserError
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import pickle
 import re
 import struct
@@ -32,12 +33,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from dmae.models.architectures import ARCHITECTURES
-from dmae.models.autoencoder import DenoisingMAE, ModelConfig, encoder_state_dict_from
+from dmae.models.architectures import ModelConfig
+from dmae.models.autoencoder import DenoisingMAE, encoder_state_dict_from
 from dmae.models.checkpoint import CONFIG, load_config, load_into, load_weights, save_weights
 from dmae.models.classifier import Classifier
 from dmae.util.errors import UserError
 from dmae.util.io import write_json
-from dmae.util.progress import console
+from dmae.util.progress import log
 
 Kind = Literal["autoencoder", "encoder", "classifier"]
 WRAPPERS = ("model", "state_dict")  # reference / MAE code, timm's train.py
@@ -181,6 +183,9 @@ def model_config(preset: str, img_size: int, patch_size: int, in_chans: int,
     """A validated config; mean/std default to ImageNet's (the released models' normalization)."""
     if preset not in ARCHITECTURES:
         raise UserError(f"--preset {preset!r}: unknown; known presets: {', '.join(ARCHITECTURES)}")
+    for option, value in (("--img-size", img_size), ("--patch-size", patch_size), ("--in-chans", in_chans)):
+        if not 1 <= value <= 4096:
+            raise UserError(f"{option} {value}: must be between 1 and 4096")
     if img_size % patch_size:
         raise UserError(f"--img-size {img_size} is not divisible by --patch-size {patch_size}")
     if mean is None or std is None:
@@ -189,6 +194,8 @@ def model_config(preset: str, img_size: int, patch_size: int, in_chans: int,
         mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
     if len(mean) != in_chans or len(std) != in_chans:
         raise UserError(f"--mean and --std need {in_chans} values each (got {len(mean)} and {len(std)})")
+    if not all(math.isfinite(v) for v in (*mean, *std)):
+        raise UserError(f"--mean {list(mean)} / --std {list(std)}: every value must be a finite number")
     if min(std) <= 0:
         raise UserError(f"--std {list(std)}: every value must be positive")
     return ModelConfig(preset, img_size, patch_size, in_chans, tuple(mean), tuple(std))
@@ -242,7 +249,7 @@ def init_from_checkpoint(model: DenoisingMAE, ckpt_dir: str | Path) -> None:
     load_into(model, load_weights(ckpt_dir), source=str(ckpt_dir),
               allow_missing=DECODER if kind == "encoder" else ())
     if kind == "encoder":
-        console.log(f"{ckpt_dir} holds an encoder only: the decoder starts from a fresh initialisation")
+        log(f"{ckpt_dir} holds an encoder only: the decoder starts from a fresh initialisation")
     if (saved.mean, saved.std) != (model.cfg.mean, model.cfg.std):
-        console.log(f"{ckpt_dir} was imported with mean {list(saved.mean)}, std {list(saved.std)}; the data "
+        log(f"{ckpt_dir} was imported with mean {list(saved.mean)}, std {list(saved.std)}; the data "
                     f"set's mean {list(model.cfg.mean)}, std {list(model.cfg.std)} are used")

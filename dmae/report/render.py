@@ -272,7 +272,29 @@ def build_report(*, dataset: str, radii: list[float], certifications: dict[float
         attack=attack,
         attack_root=attack_results,
     )
-    write_json(out / "metrics.json", certification_metrics(summary))
+    details = certification_metrics(summary)
+    headline = headline_metrics(details, attack_results)  # reads the attack metrics: before anything is written
+    write_json(out / "metrics.json", details)
+    write_json(out / "headline.json", headline)
     rows, columns = curve_rows(summary)
     write_tsv(out / "curves.tsv", rows, columns)
     write_report(inputs, out)
+
+
+def headline_metrics(certification: dict, attack_results: Path | None) -> dict:
+    """The few numbers `dvc exp show` compares (DVC metrics): certified accuracy at each report radius at the best
+    sigma, the best ACR and, from the attack stage, each classifier's worst-case robust accuracy (the lowest over
+    its attacks) at its best test sigma."""
+    out = {"certified_accuracy": certification["certified_accuracy"], "acr": certification["acr"]}
+    if attack_results:
+        path = attack_results / "metrics.json"
+        if not path.is_file():
+            raise UserError(f"{path}: not found (run `dmae attack --out {attack_results}` first)")
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise UserError(f"{path}: not valid JSON: {exc}") from None
+        out["robust_accuracy"] = {
+            name: max(min(v for k, v in columns.items() if k != "clean") for columns in by_sigma.values())
+            for name, by_sigma in rows.items()}
+    return out

@@ -1,9 +1,13 @@
 """Certify a data set with randomized smoothing: one TSV row per example, resumable and shardable.
 
-A run appends each finished row to the work file `<out>.partial` (fsync per row); its first line records the
-certification parameters, its second is the TSV header. A rerun with the same parameters skips the rows found
-there. On completion the rows are written, sorted by idx, to the output atomically and the work file is removed.
-Noise is seeded by dataset index (Smooth's `index`), so rows do not depend on shards, resumes or batch size.
+Output TSV: `idx label predict radius correct samples`, sorted by idx (predict -1 on abstain; samples: the
+estimation samples used, N for CERTIFY). It holds nothing that varies between runs, so a rerun writes the same
+bytes. Seconds per example go to a separate timing file (never a DVC output).
+
+Work file: each finished row is appended (fsync per row) with its seconds; its first line records the
+certification parameters, its second is the header. A rerun with the same parameters skips the rows found
+there; on completion the rows are written, sorted, to the output atomically and the work file is removed. Noise
+is seeded by dataset index, so rows do not depend on shards, resumes, batch size or which images share a batch.
 """
 
 from __future__ import annotations
@@ -13,17 +17,20 @@ import math
 import operator
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from dmae.smoothing.smooth import Smooth, check_certify_args
+from dmae.smoothing.smooth import METHODS, Smooth, check_certify_args
 from dmae.util import distributed as dist
 from dmae.util.errors import UserError
 from dmae.util.io import atomic_write_text
 from dmae.util.progress import progress_bar
 
-HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+COLUMNS = ["idx", "label", "predict", "radius", "correct", "samples"]
+HEADER = "\t".join(COLUMNS)
+WORK_HEADER = HEADER + "\tseconds"
+TIMING_HEADER = "idx\tsamples\tseconds"
 
 
 @dataclass(frozen=True)
@@ -33,20 +40,25 @@ class CertifyRow:
     predict: int  # -1 on abstain
     radius: float
     correct: int  # 1 if predict == label
-    time: float  # seconds
+    samples: int  # estimation samples used
+    seconds: float | None = field(default=None, compare=False)  # first sample to decision (work, timing files)
 
     def to_line(self) -> str:
-        fields = (self.idx, self.label, self.predict, repr(float(self.radius)), self.correct, f"{self.time:.4f}")
+        fields = (self.idx, self.label, self.predict, repr(float(self.radius)), self.correct, self.samples)
         return "\t".join(map(str, fields)) + "\n"
 
+    def to_work_line(self) -> str:
+        return self.to_line()[:-1] + f"\t{self.seconds:.4f}\n"
 
-def _parse_row(path: Path, lineno: int, line: str) -> CertifyRow:
+
+def _parse_row(path: Path, lineno: int, line: str, with_seconds: bool = False) -> CertifyRow:
     fields = line.split("\t")
-    if len(fields) != 6:
-        raise UserError(f"{path}:{lineno}: expected 6 tab-separated fields, got {len(fields)}: {line!r}")
+    width = len(COLUMNS) + with_seconds
+    if len(fields) != width:
+        raise UserError(f"{path}:{lineno}: expected {width} tab-separated fields, got {len(fields)}: {line!r}")
     try:
         row = CertifyRow(int(fields[0]), int(fields[1]), int(fields[2]), float(fields[3]), int(fields[4]),
-                         float(fields[5]))
+                         int(fields[5]), float(fields[6]) if with_seconds else None)
     except ValueError:
         raise UserError(f"{path}:{lineno}: malformed row {line!r}") from None
     consistent = (
@@ -57,7 +69,8 @@ def _parse_row(path: Path, lineno: int, line: str) -> CertifyRow:
         and math.isfinite(row.radius)
         and row.radius >= 0
         and (row.predict != -1 or row.radius == 0)
-        and row.time >= 0
+        and row.samples >= 1
+        and (row.seconds is None or row.seconds >= 0)
     )
     if not consistent:
         raise UserError(f"{path}:{lineno}: inconsistent row {line!r}")
@@ -91,7 +104,14 @@ def write_certify_tsv(path: str | os.PathLike, rows: Iterable[CertifyRow]) -> No
     atomic_write_text(path, HEADER + "\n" + "".join(row.to_line() for row in rows))
 
 
+def write_timing(path: str | os.PathLike, rows: Iterable[CertifyRow]) -> None:
+    """Seconds and samples per example (rows resumed from an older work file without times are left out)."""
+    lines = [f"{r.idx}\t{r.samples}\t{r.seconds:.4f}\n" for r in rows if r.seconds is not None]
+    atomic_write_text(path, TIMING_HEADER + "\n" + "".join(lines))
+
+
 def work_path(out_path: str | os.PathLike) -> Path:
+    """The work file of out_path when the caller names none: beside it."""
     out_path = Path(out_path)
     return out_path.with_name(out_path.name + ".partial")
 
@@ -105,9 +125,9 @@ def _read_work_file(path: Path, params_line: str) -> list[CertifyRow]:
             f"{path}:1: work file of a run with other parameters ({found!r}, now {params_line!r}); "
             "delete it to start over"
         )
-    if lines[1:2] != [HEADER]:
-        raise UserError(f"{path}:2: expected header {HEADER!r}")
-    return [_parse_row(path, lineno, line) for lineno, line in enumerate(lines[2:], start=3)]
+    if lines[1:2] != [WORK_HEADER]:
+        raise UserError(f"{path}:2: expected header {WORK_HEADER!r}")
+    return [_parse_row(path, lineno, line, with_seconds=True) for lineno, line in enumerate(lines[2:], start=3)]
 
 
 def _resume(work: Path, params_line: str, todo: list[int], shard: tuple[int, int]) -> dict[int, CertifyRow]:
@@ -122,7 +142,7 @@ def _resume(work: Path, params_line: str, todo: list[int], shard: tuple[int, int
                 raise UserError(f"{work}: idx {row.idx} appears more than once; delete the file")
             done[row.idx] = row
     # Rewriting drops a torn last line, so appended rows start on a line of their own.
-    atomic_write_text(work, f"{params_line}\n{HEADER}\n" + "".join(row.to_line() for row in done.values()))
+    atomic_write_text(work, f"{params_line}\n{WORK_HEADER}\n" + "".join(r.to_work_line() for r in done.values()))
     return done
 
 
@@ -158,42 +178,58 @@ def certify_examples(
     alpha: float,
     batch_size: int,
     out_path: str | os.PathLike,
+    method: str = "cohen",
+    radii: Sequence[float] = (),
     shard: tuple[int, int] = (0, 1),
+    work: str | os.PathLike | None = None,
+    timing: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> list[CertifyRow]:
-    """CERTIFY dataset[idx] for this shard's share of `indices`; write the rows to out_path, sorted by idx.
+    """CERTIFY (or adaptive CERTIFY, with at most n samples and the brackets of `radii`) dataset[idx] for this
+    shard's share of `indices`; write the rows to out_path, sorted by idx, and their seconds to `timing`.
 
     dataset is sized and dataset[idx] gives (image [C, H, W] in [0, 1], int label). Resumes from the work file
-    of out_path if there is one. Returns the rows written.
+    (`work`, default beside out_path) if there is one. Returns the rows written.
     """
     check_certify_args(n0=n0, n=n, alpha=alpha, batch_size=batch_size)
+    if method not in METHODS:
+        raise UserError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     todo = _shard_indices(indices, shard, len(dataset))
-    out_path, work = Path(out_path), work_path(out_path)
+    out_path = Path(out_path)
+    work = Path(work) if work is not None else work_path(out_path)
     params = {"n0": int(n0), "n": int(n), "alpha": float(alpha), "sigma": smooth.sigma, "seed": smooth.seed,
-              "precision": smooth.precision}
+              "precision": smooth.precision, "method": method,
+              **({"radii": [float(r) for r in radii]} if method == "adaptive" else {})}
     params_line = "# " + json.dumps(params, sort_keys=True)
-
+    work.parent.mkdir(parents=True, exist_ok=True)
     done = _resume(work, params_line, todo, shard)
+    labels = {}
+    started: dict[int, float] = {}
+
+    def images():
+        for idx in todo:
+            if idx not in done:
+                image, labels[idx] = dataset[idx]
+                started[idx] = time.perf_counter()
+                yield idx, image
 
     with open(work, "a", encoding="utf-8") as fh, progress_bar(progress, unit="img") as bar:
         task = bar.add_task(f"certify {out_path.name}", total=len(todo), completed=len(done), status="")
-        for idx in todo:
-            if idx in done:
-                continue
-            image, label = dataset[idx]
-            label = int(label)
-            start = time.perf_counter()
-            predict, radius = smooth.certify(image, n0, n, alpha, batch_size, index=idx)
-            seconds = round(time.perf_counter() - start, 4)  # as written, so returned rows equal the file's
-            row = CertifyRow(idx, label, predict, radius, int(predict == label), seconds)
-            fh.write(row.to_line())
+        for idx, predict, radius, samples in smooth.certify_all(images(), n0=n0, n=n, alpha=alpha,
+                                                                 batch_size=batch_size, method=method, radii=radii):
+            label = int(labels.pop(idx))
+            seconds = round(time.perf_counter() - started.pop(idx), 4)  # as written: returned rows equal the file's
+            row = CertifyRow(idx, label, predict, radius, int(predict == label), samples, seconds)
+            fh.write(row.to_work_line())
             fh.flush()
             os.fsync(fh.fileno())
             done[idx] = row
-            bar.advance(task)
+            bar.update(task, advance=1, status=f"{samples} samples")
 
     rows = sorted(done.values(), key=lambda row: row.idx)
     write_certify_tsv(out_path, rows)
+    if timing is not None:
+        write_timing(timing, rows)
     work.unlink()
     return rows
 
@@ -230,28 +266,37 @@ def shard_path(out_path: str | os.PathLike, i: int, k: int) -> Path:
     return out_path.with_name(f"{out_path.stem}.shard-{i}-of-{k}{out_path.suffix}")
 
 
-def certify_split(smooth: Smooth, dataset, out_path: str | os.PathLike, *, n0: int, n: int, alpha: float,
-                  batch_size: int, shard: tuple[int, int] = (0, 1), progress: bool = True) -> bool:
-    """CERTIFY every example of `dataset` into out_path, or only shard (i, k) into its shard_path.
+def certify_split(smooth: Smooth, dataset, out_path: str | os.PathLike, *, work_dir: str | os.PathLike,
+                  timing: str | os.PathLike | None = None, shard: tuple[int, int] = (0, 1), progress: bool = True,
+                  **certify) -> bool:
+    """Certify every example of `dataset` into out_path, or only shard (i, k) into shard_path(out_path, i, k);
+    `certify` are certify_examples' settings (n0, n, alpha, batch_size, method, radii).
 
-    Under torchrun the processes split the work: process r certifies shard r of world_size, then rank 0 merges
-    the shards into out_path. Returns True where out_path now holds the whole split (rank 0 of a merged run, or
-    an unsharded run), so the caller knows whether to write what belongs beside it.
+    Work files go to work_dir. Under torchrun the processes split the work: process r certifies shard r of
+    world_size into work_dir, then rank 0 merges the shards into out_path. Returns True where out_path now holds
+    the whole split (rank 0 of a merged run, or an unsharded run), so the caller knows whether to write what
+    belongs beside it.
     """
     i, k = shard
-    if dist.world_size() > 1:
-        if k > 1:
-            raise UserError("--shard and torchrun both split the work: use one of them")
-        i, k = dist.rank(), dist.world_size()
-    target = out_path if k == 1 else shard_path(out_path, i, k)
-    certify_examples(smooth, dataset, range(len(dataset)), n0=n0, n=n, alpha=alpha, batch_size=batch_size,
-                     out_path=target, shard=(i, k), progress=progress and dist.is_main())
+    work_dir = Path(work_dir)
     if dist.world_size() == 1:
+        target = out_path if k == 1 else shard_path(out_path, i, k)
+        certify_examples(smooth, dataset, range(len(dataset)), out_path=target, shard=(i, k),
+                         work=work_dir / "work.tsv", timing=timing, progress=progress, **certify)
         return k == 1
+    if k > 1:
+        raise UserError("--shard and torchrun both split the work: use one of them")
+    r, k = dist.rank(), dist.world_size()
+    parts = [work_dir / f"shard-{s}-of-{k}.tsv" for s in range(k)]
+    certify_examples(smooth, dataset, range(len(dataset)), out_path=parts[r], shard=(r, k),
+                     work=work_dir / f"work-{r}-of-{k}.tsv", timing=work_dir / f"timing-{r}-of-{k}.tsv",
+                     progress=progress and dist.is_main(), **certify)
     dist.barrier()
     if dist.is_main():
-        shards = [shard_path(out_path, r, k) for r in range(k)]
-        merge_shards(shards, out_path, range(len(dataset)))
-        for path in shards:
-            path.unlink()
+        merge_shards(parts, out_path, range(len(dataset)))
+        if timing is not None:
+            lines = [line for s in range(k) for line in
+                     (work_dir / f"timing-{s}-of-{k}.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+            atomic_write_text(timing, TIMING_HEADER + "\n" + "".join(f"{line}\n" for line in sorted(
+                lines, key=lambda line: int(line.split("\t")[0]))))
     return dist.is_main()

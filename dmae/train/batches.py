@@ -3,7 +3,8 @@
 Step s of an epoch takes the global batch perm[s*G:(s+1)*G] of a permutation seeded by (seed, epoch). Process r
 of w, on accumulation micro-step k of a, takes positions [(k*w + r)*m, (k*w + r + 1)*m) of that global batch,
 m = G / (a*w). Every random draw of a sample is keyed by (seed, epoch, step, position), so the same global batch
-sees the same corruption whatever a and w are.
+sees the same corruption whatever a and w are; a random augmentation of a sample is keyed by (seed, epoch, dataset
+index), so it does not depend on a, w or the number of data-loader workers either.
 """
 
 from __future__ import annotations
@@ -54,11 +55,29 @@ def epoch_batches(dataset: Dataset, batch_size: int, accum_steps: int, seed: int
         for k in range(accum_steps):
             start = s * batch_size + (k * world + rank) * micro
             order += perm[start:start + micro]
-    loader = DataLoader(dataset, batch_size=micro, sampler=order, num_workers=workers)
+    keyed = [(i, derive_seed(seed, epoch, "augment", i)) for i in order]
+    loader = DataLoader(KeyedAugmentation(dataset), batch_size=micro, sampler=keyed, num_workers=workers)
     for i, (x, y) in enumerate(loader):
         step, k = divmod(i, accum_steps)
         start = (k * world + rank) * micro
         yield MicroBatch(epoch, step, x, y, range(start, start + micro), k == accum_steps - 1)
+
+
+class KeyedAugmentation(Dataset):
+    """`dataset[i]` with torch's RNG seeded from a key for that one item (and restored afterwards), so a random
+    augmentation draws the same for a sample whether it is loaded in this process or in any data-loader worker."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, key = item
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only: CUDA's stays untouched
+            torch.default_generator.manual_seed(key)
+            return self.dataset[index]
 
 
 def steps_per_epoch(dataset: Dataset, batch_size: int, key: str) -> int:

@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dmae.data import load_split, read_meta
-from dmae.models.autoencoder import ModelConfig, encoder_state_dict_from
+from dmae.models.architectures import ModelConfig
+from dmae.models.autoencoder import encoder_state_dict_from
 from dmae.models.checkpoint import load_config, load_weights, save_weights
 from dmae.models.classifier import Classifier
 from dmae.settings import FinetuneSettings, ModelSettings

@@ -27,7 +27,7 @@ from dmae.train.optim import lr_at, set_lr
 from dmae.util import distributed as dist
 from dmae.util.errors import UserError
 from dmae.util.precision import autocast
-from dmae.util.progress import console, progress_bar
+from dmae.util.progress import log, progress_bar
 from dmae.util.seeding import derive_seed
 from dmae.util.state import load_state, save_state
 
@@ -107,7 +107,7 @@ def train(model: nn.Module, train_set: Dataset, step: Step, schedule: Schedule, 
 
     done, history = resume(state_path, model, optimizer)
     if done:
-        console.log(f"resuming {step.name} after epoch {done} from {state_path}")
+        log(f"resuming {step.name} after epoch {done} from {state_path}")
     with progress_bar(progress and dist.is_main(), unit="img") as bar:
         task = bar.add_task(step.name, total=(s.epochs - done) * steps * s.batch_size, status="")
         for epoch in range(done, s.epochs):
@@ -135,7 +135,7 @@ def train(model: nn.Module, train_set: Dataset, step: Step, schedule: Schedule, 
                 save_state(state_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "epoch": epoch + 1, "history": history})
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "lr"))
-                console.log(f"{step.name} epoch {epoch + 1}/{s.epochs}: {shown} "
+                log(f"{step.name} epoch {epoch + 1}/{s.epochs}: {shown} "
                             f"({time.perf_counter() - t0:.1f} s)")
                 if on_epoch:
                     on_epoch(row)

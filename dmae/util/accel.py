@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from copy import deepcopy
 
 import torch
 from torch import nn
@@ -43,6 +44,22 @@ def compile_for_inference(module: nn.Module, cuda_graphs: bool = False) -> Compi
     if cuda_graphs:
         options["triton.cudagraphs"] = True
     return Compiled(module, options=options)
+
+
+def inference_copy(module: nn.Module, precision: str) -> nn.Module:
+    """`module` itself in fp32; in bf16 a frozen copy whose Linear and Conv weights and biases are bf16 already.
+
+    Under bf16 autocast those layers run in bf16 anyway: autocast rounds fp32 weights to bf16 on every forward
+    (costly in inference, where its cast cache is off), and rounding once ahead gives the same numbers. Norms,
+    embeddings and everything else stay as they are, so the results equal plain autocast's.
+    """
+    if precision != "bf16":
+        return module
+    copy = deepcopy(module).eval().requires_grad_(False)
+    for layer in copy.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            layer.to(torch.bfloat16)
+    return copy
 
 
 def largest_batch(model: nn.Module, example: torch.Tensor, precision: str = "fp32", *, limit: int) -> int:

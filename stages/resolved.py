@@ -1,0 +1,74 @@
+"""The resolved settings of each stage: exactly the params its result depends on, as plain JSON-able data.
+
+Written beside a stage's outputs (settings.json), part of the fingerprint of its work in progress, and written by
+the `settings` stage into results/settings/ (one file per stage and matrix item), which is what the expensive
+stages of dvc.yaml depend on: a stage reruns only when its own resolved settings change.
+"""
+
+from __future__ import annotations
+
+from dmae.settings import Params
+
+
+def _dump(section) -> dict:
+    return section.model_dump(mode="json")
+
+
+def prepare(params: Params) -> dict:
+    return {"data": _dump(params.data)}
+
+
+def pretrain(params: Params, variant: str | None = None) -> dict:
+    settings = {"data": _dump(params.data), "model": _dump(params.model), "cpu_threads": params.cpu_threads,
+                "pretrain": _dump(params.denoiser_settings(variant) if variant else params.pretrain)}
+    return {**settings, "variant": variant} if variant else settings
+
+
+def finetune(params: Params, sigma: float) -> dict:
+    return {"data": _dump(params.data), "model": _dump(params.model), "cpu_threads": params.cpu_threads,
+            "finetune": _dump(params.finetune), "sigma": sigma}
+
+
+def certify(params: Params, sigma: float) -> dict:
+    """CERTIFY uses n; adaptive CERTIFY n_max and the report's radii (its brackets) instead."""
+    c = _dump(params.certify)
+    if c["method"] == "cohen":
+        del c["n_max"]
+    else:
+        del c["n"]
+        c["radii"] = list(params.report.radii)
+    return {"data": _dump(params.data), "model": _dump(params.model), "cpu_threads": params.cpu_threads,
+            "certify": c, "sigma": sigma}
+
+
+def finetune_defense(params: Params, name: str) -> dict:
+    spec = params.defense.classifiers[name]
+    return {"data": _dump(params.data), "model": _dump(params.model), "cpu_threads": params.cpu_threads,
+            "finetune": _dump(params.defense_finetune()), "classifier": {"name": name, **_dump(spec)},
+            "train_sigma_max": params.defense.train_sigma_max,
+            "pretrained": {m: _dump(params.denoiser_settings(m)) for m in {spec.encoder, spec.denoiser} - {None}}}
+
+
+def attack(params: Params) -> dict:
+    chains = {name: {**_dump(spec), "norm_pix_loss": params.denoiser_settings(spec.denoiser).norm_pix_loss
+                     if spec.denoiser else None} for name, spec in params.defense.classifiers.items()}
+    return {"data": _dump(params.data), "model": _dump(params.model), "cpu_threads": params.cpu_threads,
+            "attack": _dump(params.attack), "chains": chains}
+
+
+def report(params: Params) -> dict:
+    return {"sigmas": sorted(params.sigmas), "dataset": params.data.dataset, "report": _dump(params.report)}
+
+
+def every_stage(params: Params) -> dict[str, dict]:
+    """Resolved settings of every stage and matrix item, by the file name the `settings` stage writes."""
+    files = {"prepare.json": prepare(params), "pretrain.json": pretrain(params), "attack.json": attack(params),
+             "report.json": report(params)}
+    for sigma in params.sigmas:
+        files[f"finetune-sigma-{float(sigma)}.json"] = finetune(params, sigma)
+        files[f"certify-sigma-{float(sigma)}.json"] = certify(params, sigma)
+    for name in params.defense.denoisers:
+        files[f"denoiser-{name}.json"] = pretrain(params, name)
+    for name in params.defense.classifiers:
+        files[f"finetune_defense-{name}.json"] = finetune_defense(params, name)
+    return files
