@@ -1,4 +1,5 @@
-"""`dmae bench`: certification and training throughput against the device's peak (not a pipeline stage)."""
+"""`dmae bench` (certification and training throughput against the device's peak) and `dmae bench-methods`
+(CERTIFY against adaptive CERTIFY on the pipeline's classifiers); not pipeline stages."""
 
 from __future__ import annotations
 
@@ -8,11 +9,17 @@ import torch
 import typer
 from rich.console import Console
 
+from dmae.data import load_split, read_meta
+from dmae.models.classifier import load_classifier
 from dmae.settings import Runtime, load_params, load_runtime
+from dmae.smoothing import Smooth
 from dmae.util.errors import UserError
+from dmae.util.io import atomic_write_text, write_json
 from dmae.util.progress import say
-from stages.common import PARAMS_OPTION, user_errors
-from tools.bench import TARGETS, rich_table, run_bench, write_report
+from stages import paths
+from stages.common import PARAMS_OPTION, setup, user_errors
+from tools.bench import TARGETS, machine, rich_table, run_bench, write_report
+from tools.certify_bench import markdown, run_methods, simulate
 
 
 def _device(name: str | None, runtime: Runtime) -> torch.device:
@@ -54,3 +61,42 @@ def main(
     Console().print(rich_table(report))
     for path in write_report(report, out):
         say(f"wrote {path}")
+
+
+@user_errors
+def methods(
+    n: int = typer.Option(10_000, min=1, help="N of CERTIFY, and n_max of the adaptive methods."),
+    simulate_n: int = typer.Option(100_000, min=0, help="Also simulate both methods at this N from the measured "
+                                                        "pA of each image (0: no simulation)."),
+    images: int = typer.Option(None, min=1, help="Certify only the first IMAGES test images [default: all]."),
+    precision: str = typer.Option(None, help="fp32 or bf16 [default: params certify.precision]."),
+    data: Path = typer.Option(paths.PREPARED, help="Prepared data set (its test split is certified)."),
+    models: Path = typer.Option(paths.MODELS, help="Models folder: finetune/sigma-S/ for every params sigma."),
+    out: Path = typer.Option(Path("bench-methods.md"), help="Markdown table; the results go beside it as .json."),
+    params_path: Path = PARAMS_OPTION,
+) -> None:
+    """CERTIFY against adaptive CERTIFY (and the naive, invalid variant) at the same N on the pipeline's
+    classifiers, every sigma of params: certified accuracy at the report radii, ACR, samples per image and wall
+    time, with the certify settings of params (N0, alpha, batch size, seed)."""
+    params, runtime, device = setup(params_path)
+    c, radii = params.certify, params.report.radii
+    meta = read_meta(data)
+    test = load_split(data, "test")
+    chosen = range(len(test) if images is None else min(images, len(test)))
+    xs, labels = [test[i][0] for i in chosen], [int(test[i][1]) for i in chosen]
+    results = []
+    for sigma in sorted(params.sigmas):
+        classifier = load_classifier(paths.finetuned(sigma, models), meta["num_classes"],
+                                     params.model.config(meta)).to(device)
+        smooth = Smooth(classifier, meta["num_classes"], sigma, seed=c.seed, precision=precision or c.precision)
+        measured, counts = run_methods(smooth, xs, labels, n0=c.n0, n=n, alpha=c.alpha, radii=radii,
+                                       batch_size=c.batch_size)
+        results += measured
+        if simulate_n:
+            results += simulate(counts, sigma, n=simulate_n, alpha=c.alpha, radii=radii)
+        say(f"σ = {sigma:g} done")
+    table = (f"{len(xs)} test images, N0 = {c.n0}, alpha = {c.alpha:g}, batch {c.batch_size}, "
+             f"{precision or c.precision}, {machine(device)['cpu']}\n\n" + markdown(results, radii))
+    atomic_write_text(out, table)
+    write_json(out.with_suffix(".json"), {"machine": machine(device), "results": [r.__dict__ for r in results]})
+    say(table)

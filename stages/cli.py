@@ -25,6 +25,7 @@ COMMANDS = {  # command -> module:function
     "import-checkpoint": "stages.import_checkpoint:main",
     "use-preset": "stages.use_preset:main",
     "bench": "stages.bench:main",
+    "bench-methods": "stages.bench:methods",
 }
 HELP = ("dmae: denoising (masked) autoencoders for certified and adversarial robustness.\n\n"
         "Each command is one DVC stage; `dvc repro` runs them in order. Settings come from params.yaml; "

@@ -17,6 +17,7 @@ from dmae.smoothing import (
     predict_from_counts,
     radius_cap,
 )
+from dmae.smoothing.bounds import best_later, decided, look_alphas, looks, thresholds, upper_confidence_bound
 from dmae.util.errors import UserError
 
 SHAPE = (2, 2, 2)
@@ -178,3 +179,68 @@ def test_bad_predict_args_and_inputs():
         smooth.predict(CENTER[None], 100, 0.01, 10)
     with pytest.raises(UserError, match="num_classes=3"):
         Smooth(LinearBinary(torch.zeros(SHAPE), 1.0), 3, 0.25).certify(CENTER, 10, 10, 0.01, 10)
+
+
+# -- adaptive CERTIFY ----------------------------------------------------------------------------------------------
+def test_looks_and_their_levels():
+    assert looks(1000) == [32, 64, 128, 256, 512, 1000] and looks(20) == [20] and looks(64) == [32, 64]
+    levels = look_alphas(6, 0.001)
+    assert sum(levels) == pytest.approx(0.001) and levels[-1] == pytest.approx(0.0005)
+    assert look_alphas(1, 0.01) == [0.01] and look_alphas(3, 0.01, naive=True) == [0.01] * 3
+
+
+def test_bounds_match_the_exact_binomial_interval():
+    for n_a, n in [(0, 10), (3, 10), (10, 10), (480, 500)]:
+        interval = binomtest(n_a, n).proportion_ci(0.98, method="exact")
+        assert lower_confidence_bound(n_a, n, 0.01) == pytest.approx(interval.low, abs=1e-9)
+        assert upper_confidence_bound(n_a, n, 0.01) == pytest.approx(interval.high, abs=1e-9)
+
+
+def test_decided_once_more_samples_cannot_raise_the_bracket():
+    cuts = thresholds([0.0, 0.25, 0.5], 0.5)  # pA 0.5, Phi(0.5), Phi(1)
+    assert list(cuts) == pytest.approx([0.5, norm.cdf(0.5), norm.cdf(1.0)])
+    assert decided(0.70, 0.80, 1.0, cuts)  # between Phi(0.5) = 0.69 and Phi(1) = 0.84
+    assert not decided(0.60, 0.80, 1.0, cuts)  # straddles Phi(0.5)
+    assert decided(0.10, 0.45, 1.0, cuts)  # cannot certify radius 0: abstain
+    assert decided(0.90, 1.00, 1.0, cuts)  # above every threshold
+    assert decided(0.70, 1.00, 0.80, cuts)  # no later look can reach Phi(1), whatever it draws
+    # 10 of 10 now; 100 samples at the last look: at best 0.001 ** (1/100) = 0.933
+    assert best_later(10, 10, [100], [0.001]) == pytest.approx(0.001 ** (1 / 100))
+    assert best_later(5, 10, [20, 40], [0.001, 0.001]) == pytest.approx(lower_confidence_bound(35, 40, 0.001))
+    assert best_later(10, 10, [], []) == 0.0
+
+
+def test_certify_adaptive_stops_early_and_is_valid_against_cohen():
+    sigma = 0.25
+    smooth, w = linear_smooth(sigma)
+    far = smooth.certify_adaptive(CENTER + 0.5 * w, 32, 10_000, 0.001, 512, radii=[0.0, 0.25, 0.4])
+    assert far[0] == 1 and far[2] < 10_000  # decided long before n_max
+    assert far[1] >= 0.4  # the top bracket (pA >= Phi(1.6)) is certified
+    wrong_side = smooth.certify_adaptive(CENTER - 0.5 * w, 32, 10_000, 0.001, 512, radii=[0.0, 0.25])
+    assert wrong_side[0] == 0 and wrong_side[2] < 10_000
+    # never decided early (a bracket boundary at the true pA): all n_max samples, the counts of CERTIFY's N,
+    # at the final look's level (half of alpha), so never a larger radius than CERTIFY with N = n_max
+    x = CENTER + 0.25 * w
+    predict, radius, samples = smooth.certify_adaptive(x, 32, 2000, 0.001, 512, radii=[0.0, 0.25], index=3)
+    cohen = smooth.certify(x, 32, 2000, 0.001, 512, index=3)
+    assert samples == 2000 and predict == cohen[0] == 1 and radius <= cohen[1]
+
+
+def test_certify_all_gives_the_same_results_for_any_batch_and_order():
+    smooth, w = linear_smooth(0.25)
+    images = [(i, CENTER + m * w) for i, m in enumerate([0.4, -0.1, 0.05, 0.3, 0.0, -0.6])]
+    kwargs = {"n0": 32, "n": 3000, "alpha": 0.001, "method": "adaptive", "radii": [0.0, 0.1, 0.2]}
+    one = sorted(smooth.certify_all(images, batch_size=512, **kwargs))
+    assert one == sorted(smooth.certify_all(images[::-1], batch_size=97, **kwargs))
+    assert one == sorted(smooth.certify_all(images, batch_size=4096, **kwargs))
+    assert [r[1:] for r in one] == [smooth.certify_adaptive(x, 32, 3000, 0.001, 64, radii=[0.0, 0.1, 0.2],
+                                                            index=i) for i, x in images]
+    assert len({r[3] for r in one}) > 1  # images stop at different looks
+
+
+def test_certify_adaptive_arguments():
+    smooth, _ = linear_smooth()
+    with pytest.raises(UserError, match="radii must be"):
+        smooth.certify_adaptive(CENTER, 10, 100, 0.01, 10, radii=[])
+    with pytest.raises(UserError, match="method must be one of"):
+        list(smooth.certify_all([(0, CENTER)], n0=10, n=100, alpha=0.01, batch_size=10, method="fast"))

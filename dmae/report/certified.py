@@ -28,11 +28,13 @@ class Run:
     radius: np.ndarray
     correct: np.ndarray  # bool
     abstain: np.ndarray  # bool
+    samples: np.ndarray  # estimation samples used per example
 
     @classmethod
     def from_rows(cls, sigma: float, rows: Sequence[CertifyRow]) -> "Run":
         return cls(sigma, np.array([r.radius for r in rows], dtype=np.float64),
-                   np.array([r.correct == 1 for r in rows]), np.array([r.predict == -1 for r in rows]))
+                   np.array([r.correct == 1 for r in rows]), np.array([r.predict == -1 for r in rows]),
+                   np.array([r.samples for r in rows], dtype=np.int64))
 
     def certified_accuracy(self, radii: Sequence[float]) -> list[float]:
         hits = self.correct[None, :] & (self.radius[None, :] >= np.asarray(radii, dtype=np.float64)[:, None])
@@ -49,6 +51,14 @@ class Run:
     @property
     def clean_accuracy(self) -> float:
         return float(np.mean(self.correct))
+
+    @property
+    def mean_samples(self) -> float:
+        return float(np.mean(self.samples))
+
+    @property
+    def median_samples(self) -> float:
+        return float(np.median(self.samples))
 
 
 def load_runs(paths: Mapping[float, str | os.PathLike]) -> dict[float, Run]:
@@ -148,6 +158,8 @@ def certification_metrics(summary: Summary) -> dict:
                 "acr": _num(run.acr),
                 "abstain_rate": _num(run.abstain_rate),
                 "clean_accuracy": _num(run.clean_accuracy),
+                "mean_samples": _num(run.mean_samples),
+                "median_samples": _num(run.median_samples),
             }
             for sigma, run in summary.runs.items()
         },

@@ -18,6 +18,7 @@ from dmae.report.document import Block, Figure, Heading, Paragraph, Table, from_
 from dmae.report.figures import (FINETUNE_COLUMNS, PRETRAIN_COLUMNS, certified_accuracy_figure, finetune_figure,
                                  pretrain_figure, read_metrics_tsv)
 from dmae.report.published import PUBLISHED, PublishedTable
+from dmae.smoothing.bounds import FINAL_SHARE, FIRST_LOOK
 from dmae.util.errors import UserError
 from dmae.util.io import atomic_write_bytes, atomic_write_text, write_json, write_tsv
 
@@ -80,10 +81,18 @@ def overview(inputs: ReportInputs) -> list[Block]:
     text = (f"Data set: {inputs.dataset}; {s.examples} test examples certified at each "
             f"σ ∈ {{{', '.join(f'{sigma:g}' for sigma in s.runs)}}}.")
     c = _certify_settings(inputs)
-    if c:
+    if c and c.get("method", "cohen") == "cohen":
         cap = norm.ppf(c["alpha"] ** (1 / c["n"]))
         text += (f" Certification (CERTIFY of Cohen et al.): N0 = {c['n0']}, N = {c['n']}, α = {c['alpha']:g}; "
                  f"with these, no certified radius can exceed {cap:.2f} σ.")
+    elif c:
+        cap = norm.ppf((c["alpha"] * FINAL_SHARE) ** (1 / c["n_max"]))
+        text += (f" Certification: adaptive CERTIFY, N0 = {c['n0']}, at most N = {c['n_max']} estimation samples "
+                 f"per image, α = {c['alpha']:g}. Each image is sampled in looks of {FIRST_LOOK}, "
+                 f"{2 * FIRST_LOOK}, {4 * FIRST_LOOK}, ... samples and stops once the confidence interval of pA "
+                 f"lies between two consecutive radii of the table (or rules out radius 0); the error budget α is "
+                 f"split over the looks, so each certificate holds with probability at least 1 − α whatever the "
+                 f"stopping time. No certified radius can exceed {cap:.2f} σ.")
     return [Heading(TITLE, 1), Paragraph(text), Paragraph(DEFINITIONS)]
 
 
@@ -96,10 +105,14 @@ def headline(s: Summary) -> list[Block]:
             Paragraph(f"Best average certified radius (ACR): {acr.accuracy:.3f} at {_sigma(acr.sigma)}.")]
 
 
-def per_sigma(s: Summary) -> list[Block]:
-    header = ["σ", *(f"{_r(r)} (%)" for r in s.radii), "ACR", "abstain (%)", "clean accuracy (%)"]
+def per_sigma(s: Summary, fixed_n: int | None) -> list[Block]:
+    """Certified accuracy and ACR per sigma, and the estimation samples each image took (adaptive CERTIFY stops
+    early; `fixed_n` is the N of fixed-N CERTIFY it is compared with)."""
+    header = ["σ", *(f"{_r(r)} (%)" for r in s.radii), "ACR", "abstain (%)", "clean accuracy (%)",
+              "samples / image (mean)", "(median)", *(["N / mean"] if fixed_n else [])]
     rows = [[f"{sigma:g}", *map(pct, run.certified_accuracy(s.radii)), f"{run.acr:.3f}", pct(run.abstain_rate),
-             pct(run.clean_accuracy)] for sigma, run in s.runs.items()]
+             pct(run.clean_accuracy), f"{run.mean_samples:,.0f}", f"{run.median_samples:,.0f}",
+             *([f"{fixed_n / run.mean_samples:.1f}x"] if fixed_n else [])] for sigma, run in s.runs.items()]
     return [Heading("Per σ"), Table(header, rows)]
 
 
@@ -201,11 +214,12 @@ def make_figures(inputs: ReportInputs, out: Path) -> list[Figure]:
 
 def build(inputs: ReportInputs, figures: list[Figure], attack: list[Block]) -> list[Block]:
     s = inputs.summary
-    blocks = overview(inputs) + headline(s) + per_sigma(s)
+    c = _certify_settings(inputs)
+    blocks = overview(inputs) + headline(s) + per_sigma(s, c.get("n_max") if c else None)
     table = PUBLISHED.get(inputs.dataset)
     if table:
         c = _certify_settings(inputs)
-        blocks += published(s, table, c["n"] if c else None)
+        blocks += published(s, table, (c.get("n") or c.get("n_max")) if c else None)
     blocks += [Heading("Figures"), *figures, *attack]
     return blocks + settings_blocks(inputs)
 

@@ -4,8 +4,9 @@ Adaptive CERTIFY looks at the estimation counts after n_1 < n_2 < ... < n_K = n_
 stop at any look. At look j it uses one-sided Clopper-Pearson bounds at level alpha_j (`look_alphas`), with
 sum_j alpha_j = alpha. Validity under any stopping rule (docs/certification.md derives it): the event "the
 certificate overstates pA" at the stopped look tau is contained in the union over j of {pA < L_j}, each of
-probability <= alpha_j, so P(pA < L_tau) <= sum_j alpha_j = alpha whatever tau is; the upper bound U_j only
-decides when to stop (an early abstention), so it needs no share of alpha for the certificate to hold.
+probability <= alpha_j, so P(pA < L_tau) <= sum_j alpha_j = alpha whatever tau is. The upper bound U_j and the
+best bound a later look could reach only decide when to stop (`decided`), so they need no share of alpha for the
+certificate to hold.
 """
 
 from __future__ import annotations
@@ -60,18 +61,18 @@ def thresholds(radii, sigma: float) -> np.ndarray:
     return np.unique(norm.cdf(np.asarray([0.0, *radii], dtype=np.float64) / sigma))
 
 
-def decided(lower: float, upper: float, cuts: np.ndarray) -> bool:
-    """True once [lower, upper] lies in one bracket between consecutive thresholds: every threshold t is either
-    certified already (lower >= t) or out of reach (upper < t), so more samples cannot change which tabulated
-    radii the certificate reaches."""
-    return bool(np.all((lower >= cuts) | (upper < cuts)))
+def decided(lower: float, upper: float, best: float, cuts: np.ndarray) -> bool:
+    """True once more samples cannot raise the certificate to another tabulated radius: the next threshold above
+    `lower` (the bound now) is above `upper` (pA lies below it, w.p. >= 1 - alpha_j), or above `best` (the highest
+    lower bound any later look could give, every remaining sample agreeing), or there is none."""
+    above = cuts[cuts > lower]
+    return not len(above) or upper < above[0] or best < above[0]
 
 
-def reachable(cuts: np.ndarray, n_looks: list[int], alphas: list[float]) -> np.ndarray:
-    """The thresholds some look could certify (all its samples agreeing); the others can never be reached, so
-    they decide nothing."""
-    best = max(lower_confidence_bound(n, n, a) for n, a in zip(n_looks, alphas))
-    return cuts[cuts <= best]
+def best_later(n_a: int, n: int, later: list[int], alphas: list[float]) -> float:
+    """The highest lower bound a later look (n_j samples, level alpha_j) can give if every further sample
+    agrees with the top class; 0 when there is no later look."""
+    return max((lower_confidence_bound(n_a + m - n, m, a) for m, a in zip(later, alphas)), default=0.0)
 
 
 def radius_from_lower(lower: float, sigma: float) -> float | None:

@@ -22,7 +22,7 @@ from typing import Callable, Generator, Iterable, Iterator
 import numpy as np
 import torch
 
-from dmae.smoothing.bounds import (decided, look_alphas, looks, lower_confidence_bound, radius_from_lower, reachable,
+from dmae.smoothing.bounds import (best_later, decided, look_alphas, looks, lower_confidence_bound, radius_from_lower,
                                    thresholds, upper_confidence_bound)
 
 NOISE_BLOCK = 256  # samples per generator; changing it changes every result
@@ -82,20 +82,21 @@ def cohen_job(n0: int, n: int, alpha: float, sigma: float) -> Job:
 
 def adaptive_job(n0: int, n_max: int, alpha: float, sigma: float, radii, naive: bool = False) -> Job:
     """Adaptive CERTIFY: cA as in CERTIFY; then estimation samples up to each look of `looks(n_max)`, stopping
-    at the first look where the (1 - alpha_j) interval of pA lies in one bracket between the thresholds of
-    `radii` (or at n_max). The certificate is the lower bound at the stopping look (dmae.smoothing.bounds).
+    at the first look after which more samples cannot raise the certificate to another radius of `radii`
+    (`decided`), or at n_max. The certificate is the lower bound at the stopping look (dmae.smoothing.bounds).
     Returns (class or -1, radius, estimation samples)."""
     selection = yield SELECTION, n0, n0
     c_a = int(np.argmax(selection))
     at = looks(n_max)
     alphas = look_alphas(len(at), alpha, naive)
-    cuts = reachable(thresholds(radii, sigma), at, alphas)
+    cuts = thresholds(radii, sigma)
     counts, done, lower = np.zeros_like(selection), 0, 0.0
-    for n, level in zip(at, alphas):
+    for j, (n, level) in enumerate(zip(at, alphas)):
         counts = counts + (yield ESTIMATION, n - done, n_max)
         done, n_a = n, int(counts[c_a])
         lower = lower_confidence_bound(n_a, n, level)
-        if decided(lower, upper_confidence_bound(n_a, n, level), cuts):
+        if decided(lower, upper_confidence_bound(n_a, n, level), best_later(n_a, n, at[j + 1:], alphas[j + 1:]),
+                   cuts):
             break
     radius = radius_from_lower(lower, sigma)
     return (ABSTAIN, 0.0, done) if radius is None else (c_a, radius, done)
