@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # some machines configure through PIP_FIND_LINKS (its torchvision would not load).
 PIP := env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(BIN)/python -m pip
 
-.PHONY: setup repro test test-all lock clean-state
+.PHONY: setup repro test test-all gpu-check lock clean-state
 
 $(BIN)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ test: setup  ## the test suite (fast tests; slow ones with `make test-all`)
 
 test-all: setup
 	. $(BIN)/activate && python -m pytest -q -m "slow or not slow"
+
+# On a machine with a CUDA GPU (the lent device has torch, timm, scipy, safetensors and rich in its python3;
+# pydantic-settings and typer must be installed there, e.g. from carried wheels): figures to gpu-check.md / .json
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:  ## every CUDA path the paper scale relies on, once, under 8 minutes (tools/gpu_check.py)
+	$(GPU_PYTHON) -m tools.gpu_check --out gpu-check
 
 lock:  ## re-resolve requirements.lock from pyproject.toml (needs the package index; uv: `pip install uv`)
 	uv pip compile pyproject.toml --extra test --generate-hashes -c constraints.txt --python-version 3.11 \

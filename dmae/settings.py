@@ -131,6 +131,12 @@ class PretrainSettings(Section):
     init_from: str | None
     seed: Seed
 
+    @property
+    def reconstruct_groups(self) -> int:
+        """How the model denoises at test time (DenoisingMAE.reconstruct): in one pass (1), or, for an MAE, which
+        learned only to predict masked patches, over 1 / (1 - mask_ratio) complementary masks."""
+        return max(2, round(1 / (1 - self.mask_ratio))) if self.task == "mae" else 1
+
     @model_validator(mode="after")
     def _check(self) -> "PretrainSettings":
         if self.task == "mae" and self.noise.dist != "none":
@@ -213,6 +219,7 @@ class ReportSettings(Section):
 
 Name = Annotated[str, Field(pattern=r"^[a-z0-9_]+$")]  # names that become folder names
 MAIN_DENOISER = "dmae"  # the denoiser name of the main `pretrain` output
+PER_SIGMA = "per_sigma"  # the classifier of a chain fine-tuned on its denoiser's outputs at each sigma
 
 
 def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -274,8 +281,10 @@ class AttackSettings(Section):
     batch_size: Count
     test_sigmas: list[Annotated[float, Number, Field(ge=0, le=10)]]
     eps: Probability
+    eps_sweep: list[Probability]  # extra white-box PGD budgets for the sanity checks (0 and a large one)
     pgd: PGDSettings
     eot: Count
+    draws: Count  # noise draws of a randomized defense per attacked example when evaluating (mean and worst)
     square: SquareSettings
     autoattack: list[Literal["standard", "rand"]]
     figure: Name
@@ -283,13 +292,37 @@ class AttackSettings(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "AttackSettings":
-        for key in ("test_sigmas", "autoattack"):
+        for key in ("test_sigmas", "autoattack", "eps_sweep"):
             values = getattr(self, key)
             if len(set(values)) != len(values):
                 raise ValueError(f"{key} has duplicates: {values}")
         if not self.test_sigmas:
             raise ValueError("test_sigmas is empty")
         return self
+
+
+class ChainSpec(Section):
+    """A denoise-then-classify base classifier: `denoiser` (dmae or a key of defense.denoisers) and `classifier`
+    (a key of defense.classifiers, e.g. the undefended one fine-tuned on clean images, or per_sigma)."""
+
+    denoiser: Name
+    classifier: Name
+
+
+class ChainFinetune(Section):
+    """The per_sigma classifier: fine-tuned from `encoder` on `denoiser`'s reconstructions of noisy images at the
+    certification sigma, with the De^3 fine-tuning settings."""
+
+    denoiser: Name
+    encoder: Name
+
+
+class DenoisedSmoothingSettings(Section):
+    """Certified robustness of denoise-then-classify chains (denoised smoothing), with the certify settings."""
+
+    test_every: Count  # certify every k-th example of the test split
+    finetune: ChainFinetune
+    chains: dict[Name, ChainSpec]
 
 
 class Params(Section):
@@ -305,6 +338,7 @@ class Params(Section):
     report: ReportSettings
     defense: DefenseSettings
     attack: AttackSettings
+    denoised_smoothing: DenoisedSmoothingSettings
 
     @model_validator(mode="after")
     def _check(self) -> "Params":
@@ -345,6 +379,17 @@ class Params(Section):
         if finetune.consistency.enabled:
             raise ValueError("defense.finetune.consistency.enabled: De^3 fine-tuning sees one view per image; "
                              "set it to false")
+        chains = self.denoised_smoothing
+        named = [("finetune.denoiser", chains.finetune.denoiser), ("finetune.encoder", chains.finetune.encoder),
+                 *((f"chains.{name}.denoiser", spec.denoiser) for name, spec in chains.chains.items())]
+        for key, value in named:
+            if value not in models:
+                raise ValueError(f"denoised_smoothing.{key} = {value!r}: not a pretrained model "
+                                 f"(known: {', '.join(models)})")
+        for name, spec in chains.chains.items():
+            if spec.classifier != PER_SIGMA and spec.classifier not in d.classifiers:
+                raise ValueError(f"denoised_smoothing.chains.{name}.classifier = {spec.classifier!r}: not "
+                                 f"{PER_SIGMA} or a key of defense.classifiers ({', '.join(d.classifiers)})")
         figure = d.classifiers.get(self.attack.figure)
         if figure is None or figure.denoiser is None:
             raise ValueError(f"attack.figure = {self.attack.figure!r}: not a classifier of defense.classifiers "

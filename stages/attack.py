@@ -36,10 +36,12 @@ def main(
     check_prepared(data, params)
     settings = resolved.attack(params)
     meta = read_meta(data)
-    chains = [Chain(name, paths.defense_classifier(name, models),
-                    paths.pretrained(spec.denoiser, models) if spec.denoiser else None,
-                    params.denoiser_settings(spec.denoiser).norm_pix_loss if spec.denoiser else True)
-              for name, spec in params.defense.classifiers.items()]
+    chains = []
+    for name, spec in params.defense.classifiers.items():
+        how = params.denoiser_settings(spec.denoiser) if spec.denoiser else None
+        chains.append(Chain(name, paths.defense_classifier(name, models),
+                            paths.pretrained(spec.denoiser, models) if spec.denoiser else None,
+                            how.norm_pix_loss if how else True, how.reconstruct_groups if how else 1))
     inputs = [data, *sorted({p for c in chains for p in (c.classifier, c.denoiser) if p})]
     with work_state("attack", out, settings, inputs) as state:
         x, y = attack_examples(load_split(data, "test"), cfg.examples, cfg.seed)

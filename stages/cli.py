@@ -20,6 +20,8 @@ COMMANDS = {  # command -> module:function
     "certify": "stages.certify:main",
     "certify-merge": "stages.certify:merge",
     "finetune-defense": "stages.finetune_defense:main",
+    "finetune-chain": "stages.finetune_chain:main",
+    "certify-chain": "stages.certify_chain:main",
     "attack": "stages.attack:main",
     "report": "stages.report:main",
     "import-checkpoint": "stages.import_checkpoint:main",
@@ -49,8 +51,11 @@ def main() -> None:
     build(wanted)()
 
 
-
 def __getattr__(name: str):
     if name == "app":  # every command (tests, `python -c "from stages.cli import app"`); built on first use
         return build(COMMANDS)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if __name__ == "__main__":  # `python -m stages.cli ...`, e.g. under torchrun where no `dmae` script is installed
+    main()

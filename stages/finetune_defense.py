@@ -42,18 +42,19 @@ def main(
     cfg, sigma_max = params.defense_finetune(), params.defense.train_sigma_max
     encoder = paths.pretrained(spec.encoder, models)
     denoiser_dir = paths.pretrained(spec.denoiser, models) if spec.input == "denoised" else None
-    denoiser, norm_pix_loss = None, True
+    denoiser, norm_pix_loss, groups = None, True, 1
     if denoiser_dir:
         denoiser = load_autoencoder(denoiser_dir, params.model.config(read_meta(data))).to(device)
-        norm_pix_loss = params.denoiser_settings(spec.denoiser).norm_pix_loss
+        how = params.denoiser_settings(spec.denoiser)
+        norm_pix_loss, groups = how.norm_pix_loss, how.reconstruct_groups
     settings = resolved.finetune_defense(params, classifier)
     out = out or paths.defense_classifier(classifier)
-    inputs = [data, encoder] + ([denoiser_dir] if denoiser_dir else [])
-    with work_state("finetune", out, settings, inputs) as state:
-        finetune_classifier(cfg, params.model, DefenseInputs(spec.input, sigma_max, denoiser, norm_pix_loss), data,
-                            pretrained=encoder, out=out, results=results or paths.defense_results(classifier),
-                            device=device, state_path=state.path("state.pt"), workers=runtime.workers,
-                            progress=runtime.progress)
+    read = [data, encoder] + ([denoiser_dir] if denoiser_dir else [])
+    inputs = DefenseInputs(spec.input, sigma_max, denoiser, norm_pix_loss, groups=groups)
+    with work_state("finetune", out, settings, read) as state:
+        finetune_classifier(cfg, params.model, inputs, data, pretrained=encoder, out=out,
+                            results=results or paths.defense_results(classifier), device=device,
+                            state_path=state.path("state.pt"), workers=runtime.workers, progress=runtime.progress)
         if dist.is_main():
             write_settings(out / "settings.json", settings)
         state.finish()

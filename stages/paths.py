@@ -16,6 +16,7 @@ PRETRAINED = MODELS / "pretrain"
 PRETRAIN_RESULTS = Path("results/pretrain")
 CERTIFY_RESULTS = Path("results/certify")
 ATTACK_RESULTS = Path("results/attack")
+CHAIN_RESULTS = Path("results/chains")  # certification of the denoise-then-classify chains
 REPORT = Path("results/report")
 SETTINGS = Path("results/settings")  # the resolved settings of every stage (the `settings` stage)
 
@@ -49,6 +50,23 @@ def defense_results(name: str) -> Path:
     return Path("results/defense") / name
 
 
+def chain_classifier(sigma: float, models: Path = MODELS) -> Path:
+    """The per_sigma classifier of denoised smoothing (fine-tuned on reconstructions at sigma)."""
+    return models / "chains" / f"sigma-{float(sigma)}"
+
+
+def chain_finetune_results(sigma: float) -> Path:
+    return Path("results/chain_finetune") / f"sigma-{float(sigma)}"
+
+
+def chain_certification(chain: str, sigma: float, folder: Path = CHAIN_RESULTS) -> Path:
+    return folder / chain / f"sigma-{float(sigma)}.tsv"
+
+
 def timing(output: Path) -> Path:
     """Seconds per example of a certification output: outside every DVC output and dependency, as times vary."""
     return Path("results/timings") / f"certify-{Path(output).stem}.tsv"
+
+
+def chain_timing(chain: str, sigma: float) -> Path:
+    return Path("results/timings") / f"chain-{chain}-sigma-{float(sigma)}.tsv"

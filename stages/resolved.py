@@ -7,7 +7,7 @@ stages of dvc.yaml depend on: a stage reruns only when its own resolved settings
 
 from __future__ import annotations
 
-from dmae.settings import Params
+from dmae.settings import PER_SIGMA, Params
 
 
 def _dump(section) -> dict:
@@ -49,15 +49,36 @@ def finetune_defense(params: Params, name: str) -> dict:
             "pretrained": {m: _dump(params.denoiser_settings(m)) for m in {spec.encoder, spec.denoiser} - {None}}}
 
 
+def finetune_chain(params: Params, sigma: float) -> dict:
+    spec = params.denoised_smoothing.finetune
+    return {"data": _dump(params.data), "model": _dump(params.model), "cpu_threads": params.cpu_threads,
+            "finetune": _dump(params.defense_finetune()), "chain_finetune": _dump(spec), "sigma": sigma,
+            "pretrained": {m: _dump(params.denoiser_settings(m)) for m in {spec.encoder, spec.denoiser}}}
+
+
+def certify_chain(params: Params, sigma: float, chain: str) -> dict:
+    spec = params.denoised_smoothing.chains[chain]
+    return {**certify(params, sigma), "test_every": params.denoised_smoothing.test_every,
+            "chain": {"name": chain, **_dump(spec),
+                      "norm_pix_loss": params.denoiser_settings(spec.denoiser).norm_pix_loss,
+                      "groups": params.denoiser_settings(spec.denoiser).reconstruct_groups}}
+
+
 def attack(params: Params) -> dict:
-    chains = {name: {**_dump(spec), "norm_pix_loss": params.denoiser_settings(spec.denoiser).norm_pix_loss
-                     if spec.denoiser else None} for name, spec in params.defense.classifiers.items()}
+    chains = {}
+    for name, spec in params.defense.classifiers.items():
+        how = params.denoiser_settings(spec.denoiser) if spec.denoiser else None
+        chains[name] = {**_dump(spec), "norm_pix_loss": how.norm_pix_loss if how else None,
+                        "groups": how.reconstruct_groups if how else None}
     return {"data": _dump(params.data), "model": _dump(params.model), "cpu_threads": params.cpu_threads,
             "attack": _dump(params.attack), "chains": chains}
 
 
 def report(params: Params) -> dict:
-    return {"sigmas": sorted(params.sigmas), "dataset": params.data.dataset, "report": _dump(params.report)}
+    return {"sigmas": sorted(params.sigmas), "dataset": params.data.dataset, "report": _dump(params.report),
+            "chains": {name: {**_dump(spec), "fine_tuned": spec.classifier == PER_SIGMA}
+                       for name, spec in params.denoised_smoothing.chains.items()},
+            "test_every": params.denoised_smoothing.test_every}
 
 
 def every_stage(params: Params) -> dict[str, dict]:
@@ -71,4 +92,8 @@ def every_stage(params: Params) -> dict[str, dict]:
         files[f"denoiser-{name}.json"] = pretrain(params, name)
     for name in params.defense.classifiers:
         files[f"finetune_defense-{name}.json"] = finetune_defense(params, name)
+    for sigma in params.sigmas:
+        files[f"finetune_chain-sigma-{float(sigma)}.json"] = finetune_chain(params, sigma)
+        for chain in params.denoised_smoothing.chains:
+            files[f"certify_chain-{chain}-sigma-{float(sigma)}.json"] = certify_chain(params, sigma, chain)
     return files

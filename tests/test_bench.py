@@ -159,3 +159,40 @@ def test_largest_batch_on_cuda_is_a_power_of_two_that_runs():
     model = Classifier(TINY, 10).cuda().eval()
     batch = largest_batch(model, torch.rand(1, 16, 16, device="cuda"), "bf16", limit=4096)
     assert batch & (batch - 1) == 0 and 1 <= batch <= 4096
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """`make gpu-check`'s script runs every path it measures (bench cases, adaptive in flight vs one at a time,
+    torchrun certify) at toy sizes on the CPU, and reports agreeing certificates and a working launch."""
+    from tools import gpu_check
+    out = tmp_path / "check"
+    assert gpu_check.main(["--device", "cpu", "--quick", "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["torchrun_certify"]["ok"] and result["torchrun_certify"]["rows"] == 4
+    assert [r["same_certificates"] for r in result["adaptive"]] == [True, True]
+    assert "torchrun, 1 process" in out.with_suffix(".md").read_text()
+
+
+def test_bench_methods_cohen_rows_are_certify_and_adaptive_needs_fewer_samples():
+    """tools.certify_bench on a tiny untrained classifier: its CERTIFY column is Smooth.certify image by image
+    (same noise), the adaptive methods never exceed n_max, and the simulation covers both methods."""
+    from tools.certify_bench import markdown, run_methods, simulate
+    torch.manual_seed(0)
+    cfg = ModelConfig("tiny", 16, 4, 1, (0.5,), (0.25,))
+    model = Classifier(cfg, 10).eval()
+    torch.nn.init.normal_(model.vit.head.weight, std=2.0)  # confident: the adaptive method can stop early
+    smooth = Smooth(model, 10, 0.25, seed=0)
+    xs = list(torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(1)))
+    labels, radii = [0, 1, 2, 3], [0.0, 0.25, 0.5]
+    results, counts = run_methods(smooth, xs, labels, n0=10, n=600, alpha=0.001, radii=radii, batch_size=128)
+    cohen, adaptive, naive = results
+    expected = [smooth.certify(x, 10, 600, 0.001, 128, index=i) for i, x in enumerate(xs)]
+    predicted = np.array([p for p, _ in expected])
+    assert cohen.certified == [float(np.mean((predicted == labels) & (np.array([r for _, r in expected]) >= t)))
+                               for t in radii]
+    assert cohen.mean_samples == 600 and adaptive.mean_samples <= 600 and naive.mean_samples <= adaptive.mean_samples
+    assert [c[1] for c in counts] == [p if p != -1 else c[1] for p, c in zip(predicted, counts)]
+    simulated = simulate(counts, 0.25, n=5000, alpha=0.001, radii=radii)
+    assert [r.method for r in simulated] == ["cohen (simulated)", "adaptive (simulated)"]
+    assert simulated[1].mean_samples <= 5000 and "| 0.25 | adaptive |" in markdown(results + simulated, radii)

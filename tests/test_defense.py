@@ -112,7 +112,7 @@ def test_evaluate_is_deterministic_and_copies_what_is_equal_without_noise(parts)
     assert plain.accuracy["gray_pgd"] == plain.accuracy["white_pgd"]
     assert plain.accuracy["white_fgsm_eot"] == plain.accuracy["white_fgsm"]
     assert plain.accuracy["autoattack_rand"] is None
-    assert run == ["clean", "white_fgsm", "white_pgd", "square"]
+    assert run == ["clean", "white_fgsm", "white_pgd", "square", "sweep_pgd_0", "sweep_pgd_0.5"]
 
     noisy = Defense(denoiser, classifier, 0.25)
     runs = [evaluate_defense(noisy, x, y, ATTACK, key=("c", 0.25), keep=2) for _ in range(2)]
@@ -221,13 +221,18 @@ def test_defense_stages_end_to_end_deterministic_and_resumable(tiny_params, monk
     out = Path("results/attack")
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"undefended", "nim", "dmae"} and set(metrics["nim"]) == {"sigma-0", "sigma-0.25"}
-    assert set(metrics["undefended"]) == {"sigma-0"} and "white_pgd_eot" in metrics["nim"]["sigma-0.25"]
+    assert set(metrics["undefended"]) == {"sigma-0"} and "white_pgd_eot" in metrics["nim"]["sigma-0.25"]["mean"]
+    for columns_ in metrics["nim"]["sigma-0.25"]["worst_draw"], metrics["nim"]["sigma-0.25"]["mean"]:
+        assert 0 <= columns_["white_pgd"] <= 1
+    worst, mean = metrics["nim"]["sigma-0.25"]["worst_draw"], metrics["nim"]["sigma-0.25"]["mean"]
+    assert 0 < metrics["nim"]["sigma-0.25"]["denoising_mse"] < 1 and "denoising_mse" not in metrics["nim"]["sigma-0"]
+    assert all(worst[c] <= mean[c] for c in worst)  # the worst draw is never above the mean
     assert len((out / "tradeoff.tsv").read_text().splitlines()) == 1 + 1 + 2 + 2
     for stem in ("tradeoff", "adversarial"):
         assert (out / f"{stem}.png").is_file() and (out / f"{stem}.svg").is_file()
     first = {f: (out / f).read_bytes() for f in ("metrics.json", "tradeoff.tsv", "attack.md", "attack.json",
                                                 "tradeoff.svg")}
-    assert "| nim | 63.8/255 |" in first["attack.md"].decode()
+    assert "| nim | 63.8/255 |" in first["attack.md"].decode() and "worst of" in first["attack.md"].decode()
     assert _invoke("attack").exit_code == 0
     assert first == {f: (out / f).read_bytes() for f in first}
 
@@ -247,3 +252,43 @@ def test_defense_stages_end_to_end_deterministic_and_resumable(tiny_params, monk
     assert _invoke("attack").exit_code == 0
     assert first == {f: (out / f).read_bytes() for f in first}
     assert not any(Path("state/attack").rglob("state.pt"))
+
+
+def test_mae_denoises_over_complementary_masks_predicting_each_patch_from_the_others():
+    """groups = 4: every output patch comes from passes that masked it, so with pixel targets it does not depend
+    on its own input patch at all, and does on the others."""
+    torch.manual_seed(0)
+    mae = DenoisingMAE(CFG).eval()
+    x = torch.rand(1, 1, 16, 16, requires_grad=True)
+    out = mae.reconstruct(x, norm_pix_loss=False, groups=4)
+    out[0, 0, :4, :4].sum().backward()  # patch 0 (top left, 4x4 pixels)
+    own, others = x.grad[0, 0, :4, :4], x.grad[0, 0].clone()
+    others[:4, :4] = 0
+    assert torch.count_nonzero(own) == 0 and torch.count_nonzero(others) > 0
+    with torch.no_grad():
+        assert torch.equal(mae.reconstruct(x, False, groups=4), mae.reconstruct(x.clone(), False, groups=4))
+        assert not torch.allclose(mae.reconstruct(x, False, groups=4), mae.reconstruct(x, False))
+
+
+def test_reconstruct_groups_follow_the_task():
+    from tests.conftest import settings as section
+    assert section("pretrain", task="mae", mask_ratio=0.75, noise={"dist": "none"}).reconstruct_groups == 4
+    assert section("pretrain", task="mae", mask_ratio=0.5, noise={"dist": "none"}).reconstruct_groups == 2
+    assert section("pretrain").reconstruct_groups == 1  # DMAE: one pass without masking
+
+
+def test_bpda_gradient_is_the_classifiers_at_the_denoised_image(parts):
+    from dmae.defense.chain import StraightThrough
+    denoiser, classifier, x, y = parts
+    defense = Defense(denoiser, classifier, sigma=0.25)
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(7)
+    torch.nn.functional.cross_entropy(StraightThrough(defense)(x), y).backward()
+    torch.manual_seed(7)
+    with torch.no_grad():
+        denoised = defense.purify(x)[1]
+    denoised.requires_grad_(True)
+    torch.nn.functional.cross_entropy(classifier(denoised), y).backward()
+    assert torch.allclose(x.grad, denoised.grad, atol=1e-7) and x.grad.abs().sum() > 0
+    with pytest.raises(UserError, match="BPDA needs a defense with a denoiser"):
+        StraightThrough(Defense(None, classifier, 0.0))

@@ -127,6 +127,9 @@ def make_project(root, dataset="cifar10"):
         "sigmas": sigmas, "data": {"dataset": dataset, "image_size": size}, "model": {"img_size": size},
         "report": {"radii": RADII}})))
     write_certify(root / "results/certify")
+    for chain in ("off_the_shelf", "fine_tuned"):  # the default's chains, every 3rd example
+        write_certify(root / f"results/chains/{chain}",
+                      {s: [(i, *row[1:]) for i, row in enumerate(r[::3])] for s, r in ROWS.items()})
     for sigma in sigmas:
         settings = {"certify": {"n0": 100, "n": 500, "alpha": 0.001}, "data": {"dataset": dataset}, "sigma": sigma}
         (root / f"results/certify/sigma-{sigma}.settings.json").write_text(json.dumps(settings))
@@ -148,7 +151,8 @@ def run_report(root, attack=False):
     args = ["report", "--params", f"{root}/params.yaml"]
     for option, path in [("--certify-dir", "results/certify"), ("--pretrain-results", "results/pretrain"),
                          ("--finetune-results", "results/finetune"), ("--models", "models"),
-                         ("--out", "results/report")] + [("--attack-results", "results/attack")] * attack:
+                         ("--chain-dir", "results/chains"), ("--out", "results/report")] \
+            + [("--attack-results", "results/attack")] * attack:
         args += [option, f"{root}/{path}"]
     return CliRunner().invoke(app, args)
 
@@ -157,7 +161,8 @@ def write_attack_results(folder):
     """What `dmae attack` leaves for the report: its section as document blocks, the figures, settings.json."""
     cfg = settings("attack", autoattack=[], eot=2)
     accuracy = {c: 0.5 for c in columns(cfg)}
-    rows = [Row("undefended", 0.0, False, accuracy), Row("nim", 0.25, True, {**accuracy, "white_pgd_eot": 0.625})]
+    rows = [Row("undefended", 0.0, False, accuracy, accuracy, None),
+            Row("nim", 0.25, True, {**accuracy, "white_pgd_eot": 0.625}, {**accuracy, "white_pgd_eot": 0.5}, 0.01)]
     folder.mkdir(parents=True)
     for stem in ("tradeoff", "adversarial"):
         plt.imsave(folder / f"{stem}.png", np.eye(4))
@@ -170,9 +175,25 @@ def write_attack_results(folder):
 def test_attack_section_warns_about_autoattack_only_when_run():
     for autoattack in ([], ["standard", "rand"]):
         cfg = settings("attack", autoattack=autoattack)
-        rows = [Row("nim", 0.25, True, {c: 0.5 for c in columns(cfg)})]
+        rows = [Row("nim", 0.25, True, {c: 0.5 for c in columns(cfg)}, {c: 0.5 for c in columns(cfg)}, 0.01)]
         text = to_markdown(section(rows, cfg, "digits", 8, ["t.png", "a.png"]))
         assert ("its accuracy is an upper bound" in text) == bool(autoattack)
+
+
+def test_wilson_interval_against_hand_computed_values():
+    from dmae.report.attack import wilson_interval
+    low, high = wilson_interval(0.5, 64)  # centre 0.5, half-width 1.96 sqrt(1/256 + 1.96^2/16384) / 1.0600 = 0.1190
+    assert low == pytest.approx(0.3810, abs=1e-4) and high == pytest.approx(0.6190, abs=1e-4)
+    low, high = wilson_interval(0.0, 64)  # all wrong: the interval still reaches 1.96^2 / (64 + 1.96^2)
+    assert low == 0.0 and high == pytest.approx(3.8415 / 67.8415, abs=1e-4)
+    assert wilson_interval(1.0, 10)[1] == pytest.approx(1.0)
+
+
+def test_attack_table_shows_interval_and_worst_draw():
+    cfg = settings("attack", autoattack=[], draws=8)
+    rows = [Row("nim", 0.25, True, {c: 0.5 for c in columns(cfg)}, {c: 0.375 for c in columns(cfg)}, 0.0123)]
+    text = to_markdown(section(rows, cfg, "digits", 64, ["t.png", "a.png"]))
+    assert "50.0 (38–62)" in text and "37.5" in text and "worst of 8 noise draws" in text and "| 12.3 |" in text
 
 
 def test_document_blocks_survive_json():
@@ -202,7 +223,11 @@ def test_stage_writes_a_self_contained_deterministic_report(tmp_path):
 
     md = first["report.md"].decode()
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(linked) == 4 and all((out / path).is_file() for path in linked)
+    assert len(linked) == 5 and all((out / path).is_file() for path in linked)
+    # the chains hold the encoder's rows 0, 3 (every 3rd): the encoder, restricted to them, must read the same
+    tables = [line.split(" | ") for line in md.splitlines() if line.startswith(("| DMAE encoder", "| off_the_shelf"))]
+    assert len(tables) == 4 and tables[0][1:-2] == tables[1][1:-2] and tables[2][1:-2] == tables[3][1:-2]
+    assert tables[0][-1] != tables[1][-1]  # but a chain runs two models per sample
     assert "| ours − DMAE ViT-B |  | -29.2 |" in md  # ours at r = 0.25 is 3/6 = 50.0 %, DMAE ViT-B 79.2 %
     assert str(tmp_path) not in md
 
@@ -210,7 +235,7 @@ def test_stage_writes_a_self_contained_deterministic_report(tmp_path):
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page)
     assert "<script" not in page and "<link" not in page
     images = re.findall(r"<img[^>]*\ssrc=\"([^\"]*)\"", page)
-    assert len(images) == 4 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert len(images) == 5 and all(src.startswith("data:image/png;base64,") for src in images)
 
     result = run_report(tmp_path)
     assert result.exit_code == 0, result.output
@@ -225,10 +250,10 @@ def test_stage_includes_the_attack_section(tmp_path):
     out = tmp_path / "results/report"
     md = (out / "report.md").read_text()
     assert "## Adversarial robustness: NIM / De³" in md
-    assert re.search(r"\| nim \| 63\.8/255 \|( 50\.0 \|){4} 62\.5 \|", md)  # PGD EOT-2 is the 6th column
+    assert re.search(r"\| nim \| 63\.8/255 \|( 50\.0 \(38–62\) \|){4} 62\.5 \(50–73\) \|", md)  # PGD EOT-2: 6th
     assert "figures/attack_tradeoff.png" in md and "figures/attack_adversarial.png" in md
     assert (out / "figures/attack_tradeoff.png").read_bytes() == (tmp_path / "results/attack/tradeoff.png").read_bytes()
-    assert len(re.findall(r"<img ", (out / "report.html").read_text())) == 6
+    assert len(re.findall(r"<img ", (out / "report.html").read_text())) == 7  # 5 of ours, 2 of the attack
     assert "attack.eot" in md  # the attack stage's settings join the settings table
 
     # without the attack results, the section and its copied figures go
@@ -260,3 +285,17 @@ def test_stage_names_the_missing_sigma_file(tmp_path):
     result = run_report(tmp_path)
     assert result.exit_code == 2
     assert "results/certify/sigma-1.0.tsv" in result.output.replace("\n", "")  # rich wraps long lines
+
+
+def test_sanity_checks_flag_only_beyond_the_error_bars():
+    from dmae.report.attack import sanity_checks
+    cfg = settings("attack", autoattack=[], eps_sweep=[0.0, 0.5])
+    good = {c: 0.5 for c in columns(cfg)} | {"sweep_pgd_0": 0.9, "white_pgd": 0.5, "sweep_pgd_0.5": 0.0}
+    masked = good | {"white_pgd_eot": 0.9, "white_pgd_bpda": 0.85, "gray_pgd": 0.3, "sweep_pgd_0.5": 0.6,
+                     "white_pgd": 0.55}  # a defense whose gradients mislead: every check should trip
+    rows = [Row("nim", 0.25, True, good, good, 0.01), Row("nim", 0.5, True, masked, masked, 0.01)]
+    checks = sanity_checks(rows, cfg, 256)
+    assert [c[-1] for c in checks if c[2] == "63.8/255"] == ["pass"] * 5
+    flagged = [c[0].split(" (")[0] for c in checks if c[2] != "63.8/255" and c[-1] == "FLAG"]
+    assert len(flagged) == 4, checks  # near 0, gray-box, Square, EOT (0.55 -> 0.6 is within the bars)
+    assert sanity_checks(rows, cfg, 4)[-1][-1] == "pass"  # 4 examples: 0.9 vs 0.55 is within the error bar

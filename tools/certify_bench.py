@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dmae.smoothing import Smooth
-from dmae.smoothing.engine import ESTIMATION, SELECTION, adaptive_job, cohen_job, run_jobs
+from dmae.smoothing.engine import ESTIMATION, SELECTION, adaptive_job, certify_from_counts, cohen_job, run_jobs
 
 
 @dataclass(frozen=True)
@@ -35,12 +35,12 @@ class Result:
     seconds: float | None  # wall time of the whole run (None: simulated)
 
 
-def _counts_job(n0: int, n: int):
-    """CERTIFY's two phases, returning (cA, nA, n) for the simulation."""
+def _cohen_with_counts(n0: int, n: int, alpha: float, sigma: float):
+    """CERTIFY exactly as `cohen_job` (same phases, same noise), also returning (cA, nA) for the simulation."""
     selection = yield SELECTION, n0, n0
     estimation = yield ESTIMATION, n, n
     c_a = int(np.argmax(selection))
-    return c_a, int(estimation[c_a]), n
+    return (*certify_from_counts(selection, estimation, alpha, sigma), n, c_a, int(estimation[c_a]))
 
 
 def _summary(method, sigma, n, rows, labels, radii, seconds) -> Result:
@@ -58,10 +58,9 @@ def run_methods(smooth: Smooth, images: Sequence[torch.Tensor], labels: Sequence
     """CERTIFY, adaptive and naive adaptive CERTIFY of every image; returns their results and, for the
     simulation, each image's (label, cA, nA, n) from a CERTIFY run at N."""
     labels = np.asarray(labels)
-    jobs = {"cohen": lambda: cohen_job(n0, n, alpha, smooth.sigma),
+    jobs = {"cohen": lambda: _cohen_with_counts(n0, n, alpha, smooth.sigma),
             "adaptive": lambda: adaptive_job(n0, n, alpha, smooth.sigma, radii),
-            "naive (not valid)": lambda: adaptive_job(n0, n, alpha, smooth.sigma, radii, naive=True),
-            "counts": lambda: _counts_job(n0, n)}
+            "naive (not valid)": lambda: adaptive_job(n0, n, alpha, smooth.sigma, radii, naive=True)}
     results, counts = [], None
     for method, job in jobs.items():
         start = time.perf_counter()
@@ -69,10 +68,10 @@ def run_methods(smooth: Smooth, images: Sequence[torch.Tensor], labels: Sequence
                               ((i, x, job()) for i, x in enumerate(images)), batch_size, smooth.device))
         seconds = time.perf_counter() - start
         rows = [found[i] for i in range(len(images))]
-        if method == "counts":
-            counts = [(int(label), *row) for label, row in zip(labels, rows)]
-        else:
-            results.append(_summary(method, smooth.sigma, n, rows, labels, radii, seconds))
+        if method == "cohen":
+            counts = [(int(label), c_a, n_a, n) for label, (*_, c_a, n_a) in zip(labels, rows)]
+            rows = [row[:3] for row in rows]
+        results.append(_summary(method, smooth.sigma, n, rows, labels, radii, seconds))
     return results, counts
 
 

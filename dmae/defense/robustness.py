@@ -3,13 +3,18 @@
 For a defense D(x) = classifier(denoise(x + noise)) at test-time noise level sigma:
 - white-box (`white_*`): gradients through the whole chain, noise draw and denoiser included; one draw per
   gradient, or (`*_eot`) the gradient averaged over `eot` draws (expectation over transformation);
+- BPDA (`white_pgd_bpda`): PGD with EOT through the defense with the denoiser's backward pass replaced by the
+  identity, a second white-box route;
 - gray-box (`gray_*`): examples crafted on the classifier alone, evaluated through the defense; no gradient
   ever passes through the denoiser;
 - black-box (`square`): Square, which only queries the defense's logits;
-- AutoAttack 'standard' and 'rand' (APGD with EOT over 20 draws, for randomized models) through the chain.
-Every column is the accuracy of one draw of the defense on the attacked examples (`clean`: on the clean ones).
-At sigma 0 the model is the classifier alone and deterministic: EOT and gray-box coincide with the white-box
-attack (copied, not rerun) and AutoAttack 'rand' does not apply (None).
+- AutoAttack 'standard' and 'rand' (APGD with EOT over 20 draws, for randomized models) through the chain;
+- the eps sweep (`sweep_pgd_<eps>`): white-box PGD at each eps of `eps_sweep` (steps scaled to reach the ball's
+  edge), for the sanity check that accuracy falls with eps and vanishes at a large one.
+Every column is evaluated over `draws` noise draws of the defense on the attacked examples (`clean`: on the clean
+ones): the mean accuracy over the draws, and the accuracy of the worst draw. At sigma 0 the model is the
+classifier alone and deterministic: one draw, EOT and gray-box coincide with the white-box attack (copied, not
+rerun) and AutoAttack 'rand' does not apply (None).
 
 Determinism: every attack and every evaluation reseeds torch's global RNG (the defense's noise) and the
 attack's own generator from (seed, row key, column, batch index).
@@ -25,7 +30,7 @@ from typing import Callable
 import torch
 
 from dmae.defense.attacks import autoattack, fgsm, pgd, robust_accuracy, square_attack
-from dmae.defense.chain import Defense
+from dmae.defense.chain import Defense, StraightThrough
 from dmae.models.architectures import ModelConfig
 from dmae.models.autoencoder import load_autoencoder
 from dmae.models.classifier import load_classifier
@@ -34,15 +39,22 @@ from dmae.util.progress import log, progress_bar
 from dmae.util.seeding import derive_seed
 from dmae.util.state import load_state, save_state
 
-ATTACKS = ["white_fgsm", "white_fgsm_eot", "white_pgd", "white_pgd_eot", "gray_fgsm", "gray_pgd", "square"]
+ATTACKS = ["white_fgsm", "white_fgsm_eot", "white_pgd", "white_pgd_eot", "white_pgd_bpda", "gray_fgsm", "gray_pgd",
+           "square"]
 SAME_WHEN_DETERMINISTIC = {"white_fgsm_eot": "white_fgsm", "white_pgd_eot": "white_pgd",
-                           "gray_fgsm": "white_fgsm", "gray_pgd": "white_pgd"}
+                           "white_pgd_bpda": "white_pgd", "gray_fgsm": "white_fgsm", "gray_pgd": "white_pgd"}
+SWEEP = "sweep_pgd_"  # + eps: the eps-sweep columns
 SHOWN = "white_pgd_eot"  # the attack whose examples `evaluate` keeps for figures
 
 
 def columns(cfg: AttackSettings) -> list[str]:
     """The accuracy columns of one row: clean, then every attack (AutoAttack versions as configured)."""
-    return ["clean", *ATTACKS, *(f"autoattack_{v}" for v in cfg.autoattack)]
+    return ["clean", *ATTACKS, *(f"autoattack_{v}" for v in cfg.autoattack), *sweep_columns(cfg)]
+
+
+def sweep_columns(cfg: AttackSettings) -> dict[str, float]:
+    """Column -> eps of the eps sweep (the configured eps is the white_pgd column itself)."""
+    return {f"{SWEEP}{eps:g}": eps for eps in cfg.eps_sweep}
 
 
 def craft(column: str, defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: AttackSettings,
@@ -56,18 +68,27 @@ def craft(column: str, defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: 
         return autoattack(defense, x, y, cfg.eps, version, seed=seed % 2**31, batch_size=len(x))
     if column == "square":
         return square_attack(defense, x, y, cfg.eps, cfg.square.queries, cfg.square.p_init, generator)
+    p = cfg.pgd
+    if column.startswith(SWEEP):
+        eps = sweep_columns(cfg)[column]
+        return pgd(defense, x, y, eps, p.steps, max(p.step_size, 2.5 * eps / p.steps), p.random_start,
+                   generator=generator)
+    if column == "white_pgd_bpda":
+        return pgd(StraightThrough(defense), x, y, cfg.eps, p.steps, p.step_size, p.random_start, eot=cfg.eot,
+                   generator=generator)
     threat, method = column.split("_", 1)
     target = defense.classifier if threat == "gray" else defense
     eot = cfg.eot if method.endswith("_eot") else 1
     if method.startswith("fgsm"):
         return fgsm(target, x, y, cfg.eps, eot=eot)
-    p = cfg.pgd
     return pgd(target, x, y, cfg.eps, p.steps, p.step_size, p.random_start, eot=eot, generator=generator)
 
 
 @dataclass
 class Evaluation:
-    accuracy: dict[str, float | None]  # column -> accuracy (None: does not apply)
+    accuracy: dict[str, float | None]  # column -> mean accuracy over the noise draws (None: does not apply)
+    worst: dict[str, float | None]  # column -> accuracy of the worst draw
+    mse: float | None  # mean squared error of the denoised clean images against them (None: no denoiser)
     shown: torch.Tensor | None  # the first examples of the SHOWN attack, when asked for
 
 
@@ -80,31 +101,47 @@ def evaluate_defense(defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: At
     evaluating it).
     """
     deterministic = defense.sigma == 0
+    draws = 1 if deterministic else cfg.draws
     accuracy: dict[str, float | None] = {}
+    worst: dict[str, float | None] = {}
     shown = None
     for column in columns(cfg):
         if deterministic and column in SAME_WHEN_DETERMINISTIC:
             accuracy[column] = accuracy[SAME_WHEN_DETERMINISTIC[column]]
+            worst[column] = worst[SAME_WHEN_DETERMINISTIC[column]]
             continue
         if deterministic and column == "autoattack_rand":
-            accuracy[column] = None
+            accuracy[column] = worst[column] = None
             continue
-        t0, correct, kept = time.perf_counter(), 0, []
+        t0, correct, kept = time.perf_counter(), [0] * draws, []
         for b, start in enumerate(range(0, len(x), cfg.batch_size)):
             xb, yb = x[start:start + cfg.batch_size], y[start:start + cfg.batch_size]
             seed = derive_seed(cfg.seed, *key, column, b)
             torch.manual_seed(seed)
             x_adv = craft(column, defense, xb, yb, cfg, seed)
-            torch.manual_seed(derive_seed(seed, "evaluate"))
-            correct += round(robust_accuracy(defense, x_adv, yb) * len(yb))  # one draw: a count
+            for d in range(draws):
+                torch.manual_seed(derive_seed(seed, "evaluate", d))
+                correct[d] += round(robust_accuracy(defense, x_adv, yb) * len(yb))  # one draw: a count
             if column == SHOWN and keep > sum(map(len, kept)):
                 kept.append(x_adv)
-        accuracy[column] = correct / len(x)
+        accuracy[column], worst[column] = sum(correct) / (draws * len(x)), min(correct) / len(x)
         if kept:
             shown = torch.cat(kept)[:keep]
         if on_column:
             on_column(column, accuracy[column], time.perf_counter() - t0)
-    return Evaluation(accuracy, shown)
+    return Evaluation(accuracy, worst, None if deterministic else denoising_error(defense, x, cfg, key), shown)
+
+
+@torch.no_grad()
+def denoising_error(defense: Defense, x: torch.Tensor, cfg: AttackSettings, key: tuple) -> float:
+    """Mean squared error (per pixel, [0,1] units) of the defense's denoised version of the clean images, over
+    cfg.draws noise draws: how well its denoiser undoes the noise, whatever the classifier."""
+    total = 0.0
+    for d in range(cfg.draws):
+        torch.manual_seed(derive_seed(cfg.seed, *key, "mse", d))
+        total += sum(float(((defense.purify(x[i:i + cfg.batch_size])[1] - x[i:i + cfg.batch_size]) ** 2).sum())
+                     for i in range(0, len(x), cfg.batch_size))
+    return total / (cfg.draws * x.numel())
 
 
 # -- every classifier of the comparison --------------------------------------------------------------------------
@@ -117,6 +154,7 @@ class Chain:
     classifier: Path
     denoiser: Path | None
     norm_pix_loss: bool  # how the denoiser was pretrained (its output is turned into pixels accordingly)
+    groups: int  # 1, or the complementary masks an MAE denoises over (PretrainSettings.reconstruct_groups)
 
 
 @dataclass(frozen=True)
@@ -124,7 +162,9 @@ class Row:
     classifier: str
     sigma: float  # test-time noise level of the defense; 0: the classifier alone
     defended: bool  # the classifier has a denoiser (evaluated over the test sigmas)
-    accuracy: dict[str, float | None]
+    accuracy: dict[str, float | None]  # mean over the noise draws
+    worst: dict[str, float | None]  # the worst draw
+    mse: float | None  # denoising error on the clean images (None without noise)
 
 
 def sigma_label(sigma: float) -> str:
@@ -164,15 +204,17 @@ def evaluate_chains(chains: list[Chain], model_cfg: ModelConfig, num_classes: in
                     log(f"{where} {column}: accuracy {accuracy:.3f} ({seconds:.1f} s)")
                     bar.update(task, status=f"{where} {column}")
 
-                defense = Defense(denoiser, classifier, sigma, chain.norm_pix_loss)
+                defense = Defense(denoiser, classifier, sigma, chain.norm_pix_loss, chain.groups)
                 keep = show if chain.name == cfg.figure and sigma > 0 else 0
                 key = f"{chain.name}|{sigma!r}"
                 if key not in done:
                     result = evaluate_defense(defense, x, y, cfg, key=(chain.name, sigma), keep=keep,
                                               on_column=logged)
-                    done[key] = {"accuracy": result.accuracy, "shown": result.shown}
+                    done[key] = {"accuracy": result.accuracy, "worst": result.worst, "mse": result.mse,
+                                 "shown": result.shown}
                     save_state(state_path, done)
-                rows.append(Row(chain.name, sigma, denoiser is not None, done[key]["accuracy"]))
+                rows.append(Row(chain.name, sigma, denoiser is not None, done[key]["accuracy"], done[key]["worst"],
+                                done[key]["mse"]))
                 if keep:
                     adversarial = done[key]["shown"].to(device)
                     torch.manual_seed(derive_seed(cfg.seed, "figure", sigma))

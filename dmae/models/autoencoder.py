@@ -202,15 +202,41 @@ class DenoisingMAE(nn.Module):
         img = self.unpatchify(pred)
         return img * self.input_adapter.std + self.input_adapter.mean
 
-    def reconstruct(self, noisy: torch.Tensor, norm_pix_loss: bool = True,
-                    sigma: float | torch.Tensor = 0.0) -> torch.Tensor:
-        """Denoise a whole image (no masking): noisy [0,1]-space input at noise level sigma -> [0,1] image at
-        the input's size."""
-        latent, _, _ = self.forward_encoder(self.input_adapter(noisy), 0.0)
-        img = self.pred_to_image(self.forward_decoder(latent, None), noisy, norm_pix_loss, sigma)
+    def reconstruct(self, noisy: torch.Tensor, norm_pix_loss: bool = True, sigma: float | torch.Tensor = 0.0,
+                    groups: int = 1) -> torch.Tensor:
+        """Denoise a whole image: noisy [0,1]-space input at noise level sigma -> [0,1] image at the input's size.
+
+        groups = 1: one pass without masking (DMAE, NIM). groups = k > 1: MAE's own task, for a model trained to
+        predict masked patches only: k passes over a fixed partition of the patches (patch i in group i mod k),
+        pass j seeing group j alone; each patch's prediction is the mean over the k - 1 passes that masked it.
+        """
+        x = self.input_adapter(noisy)
+        if groups == 1:
+            latent, _, _ = self.forward_encoder(x, 0.0)
+            pred = self.forward_decoder(latent, None)
+        else:
+            pred = self._complementary_prediction(x, groups)
+        img = self.pred_to_image(pred, noisy, norm_pix_loss, sigma)
         if img.shape[-2:] != noisy.shape[-2:]:
             img = F.interpolate(img, size=noisy.shape[-2:], mode="bicubic", align_corners=False)
         return img.clamp(0, 1)
+
+    def _complementary_prediction(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        n_patches = self.patch_embed.num_patches
+        if not 2 <= groups <= n_patches:
+            raise ValueError(f"groups must be in 2..{n_patches} (the patches), got {groups}")
+        index = torch.arange(n_patches, device=x.device)
+        total = count = 0
+        for j in range(groups):
+            visible = index % groups == j
+            # lowest noise = kept; a ratio half a patch short of the exact share keeps exactly the group
+            noise = (~visible).float() + index / (2 * n_patches)
+            ratio = (n_patches - int(visible.sum()) - 0.5) / n_patches
+            latent, mask, restore = self.forward_encoder(x, ratio, noise.expand(x.shape[0], -1))
+            pred = self.forward_decoder(latent, restore).float()
+            total = total + pred * mask.unsqueeze(-1)
+            count = count + mask.unsqueeze(-1)
+        return total / count
 
 
 def encoder_state_dict_from(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import math
+
 import matplotlib.pyplot as plt
 import torch
 
-from dmae.defense.robustness import Row, columns, sigma_label
+from dmae.defense.robustness import Row, columns, sigma_label, sweep_columns
 from dmae.report.document import Block, Figure, Heading, Paragraph, Table, to_json, to_markdown
 from dmae.settings import AttackSettings
 from dmae.util.figures import image_grid, save_figure
@@ -21,17 +23,80 @@ PLOTTED = ["clean", "white_pgd_eot", "gray_pgd", "square", "autoattack_standard"
 
 def labels(cfg: AttackSettings) -> dict[str, str]:
     return {"clean": "clean", "white_fgsm": "FGSM", "white_fgsm_eot": f"FGSM EOT-{cfg.eot}", "white_pgd": "PGD",
-            "white_pgd_eot": f"PGD EOT-{cfg.eot}", "gray_fgsm": "gray-box FGSM", "gray_pgd": "gray-box PGD",
-            "square": "Square", "autoattack_standard": "AutoAttack", "autoattack_rand": "AutoAttack rand"}
+            "white_pgd_eot": f"PGD EOT-{cfg.eot}", "white_pgd_bpda": f"BPDA EOT-{cfg.eot}",
+            "gray_fgsm": "gray-box FGSM", "gray_pgd": "gray-box PGD", "square": "Square",
+            "autoattack_standard": "AutoAttack", "autoattack_rand": "AutoAttack rand",
+            **{c: f"PGD ε={sigma_label(eps)}" for c, eps in sweep_columns(cfg).items()}}
+
+
+Z95 = 1.959963984540054  # two-sided 95 % normal quantile
+
+
+def wilson_interval(accuracy: float, n: int) -> tuple[float, float]:
+    """95 % Wilson score interval of an accuracy over n examples. Valid (conservative) for a mean over noise
+    draws too: a per-example share h in [0, 1] with mean p has variance at most p (1 - p), the binomial's."""
+    if n == 0:
+        return 0.0, 1.0
+    centre = (accuracy + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
+    half = Z95 * math.sqrt(accuracy * (1 - accuracy) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def attack_metrics(rows: list[Row]) -> dict:
-    """{classifier: {sigma-S: {column: accuracy}}} for `dvc metrics`; columns that do not apply left out."""
+    """{classifier: {sigma-S: {"mean": {column: accuracy}, "worst_draw": {...}}}} for `dvc metrics`; columns
+    that do not apply left out."""
     out: dict[str, dict] = {}
     for r in rows:
         out.setdefault(r.classifier, {})[f"sigma-{r.sigma:g}"] = {
-            k: v for k, v in r.accuracy.items() if v is not None}
+            "mean": {k: v for k, v in r.accuracy.items() if v is not None},
+            "worst_draw": {k: v for k, v in r.worst.items() if v is not None},
+            **({"denoising_mse": r.mse} if r.mse is not None else {})}
     return out
+
+
+LARGE_EPS = 0.25  # an eps sweep entry at least this large must bring every chain near 0
+NEAR_ZERO = 0.1
+
+
+def sanity_checks(rows: list[Row], cfg: AttackSettings, n: int) -> list[list[str]]:
+    """[check, classifier, test sigma, the numbers (%), pass | FLAG] for every row. A difference counts only
+    beyond the error bar: a is above b when a's 95 % interval lies wholly above b's."""
+    def above(a: float, b: float) -> bool:
+        return wilson_interval(a, n)[0] > wilson_interval(b, n)[1]
+
+    def pct(a: float) -> str:
+        return f"{100 * a:.1f}"
+
+    out = []
+    sweep = sorted([(cfg.eps, "white_pgd"), *((eps, c) for c, eps in sweep_columns(cfg).items())])
+    for r in rows:
+        where, acc = [r.classifier, sigma_label(r.sigma)], r.accuracy
+        falls = [acc[c] for _, c in sweep]
+        out.append(["PGD accuracy does not rise with ε (" + ", ".join(sigma_label(e) for e, _ in sweep) + ")",
+                    *where, " ≥ ".join(map(pct, falls)),
+                    "FLAG" if any(above(b, a) for a, b in zip(falls, falls[1:])) else "pass"])
+        large = [(e, c) for e, c in sweep if e >= LARGE_EPS]
+        if large:
+            e, c = large[-1]
+            out.append([f"PGD at ε = {sigma_label(e)} brings accuracy near 0 (≤ {pct(NEAR_ZERO)})", *where,
+                        pct(acc[c]), "pass" if acc[c] <= NEAR_ZERO else "FLAG"])
+        white = min(acc["white_pgd_eot"], acc["white_pgd_bpda"])
+        for other, name in (("gray_pgd", "gray-box PGD"), ("square", "Square (black-box)")):
+            if r.sigma > 0 or other == "square":
+                out.append([f"white-box (best of PGD-EOT, BPDA) not weaker than {name}", *where,
+                            f"{pct(white)} vs {pct(acc[other])}", "FLAG" if above(white, acc[other]) else "pass"])
+        if r.sigma > 0:
+            out.append([f"EOT-{cfg.eot} not weaker than one draw per gradient", *where,
+                        f"{pct(acc['white_pgd_eot'])} vs {pct(acc['white_pgd'])}",
+                        "FLAG" if above(acc["white_pgd_eot"], acc["white_pgd"]) else "pass"])
+    return out
+
+
+def _cell(accuracy: float | None, n: int) -> str:
+    if accuracy is None:
+        return "—"
+    low, high = wilson_interval(accuracy, n)
+    return f"{100 * accuracy:.1f} ({100 * low:.0f}–{100 * high:.0f})"
 
 
 def tradeoff_table(rows: list[Row], cfg: AttackSettings) -> tuple[list[dict], list[str]]:
@@ -81,16 +146,31 @@ def section(rows: list[Row], cfg: AttackSettings, dataset: str, examples: int, f
         Paragraph(
             "White-box attacks differentiate through noise, denoiser and classifier; gray-box attacks are "
             "crafted on the classifier alone and evaluated through the defense; Square only queries the "
-            "defense's outputs. Every entry is the accuracy (%) of one noise draw of the defense. Without "
-            "noise (σ = none) a model is deterministic: EOT and gray-box equal the white-box attacks, and "
-            "AutoAttack rand does not apply (—)."),
+            f"defense's outputs. Every entry is the accuracy (%) averaged over {cfg.draws} noise draws of the "
+            f"defense per example, with its 95 % Wilson interval over the {examples} examples in brackets; the "
+            f"second table gives the accuracy of the worst of the {cfg.draws} draws. Without noise (σ = none) a "
+            f"model is deterministic (one draw): EOT and gray-box equal the white-box attacks, and AutoAttack "
+            f"rand does not apply (—)."),
         *([Paragraph(
             "AutoAttack keeps a perturbation only for points that one forward pass shows misclassified and returns "
             "the clean image for the others: against a randomized defense its accuracy is an upper bound, and the "
             "EOT columns are the ones to trust.")] if cfg.autoattack else []),
         Table(["classifier", "test σ", *(names[c] for c in cols)],
+              [[r.classifier, sigma_label(r.sigma), *(_cell(r.accuracy[c], examples) for c in cols)] for r in rows]),
+        Paragraph(f"Accuracy (%) of the worst of {cfg.draws} noise draws, and the denoiser's mean squared error "
+                  f"on the clean images (noised at the test σ, then denoised; per pixel, ×1000): a denoiser that "
+                  f"does not restore the images explains a chain's low clean accuracy whatever its classifier."),
+        Table(["classifier", "test σ", *(names[c] for c in cols), "denoising MSE ×1000"],
               [[r.classifier, sigma_label(r.sigma),
-                *("—" if r.accuracy[c] is None else f"{100 * r.accuracy[c]:.1f}" for c in cols)] for r in rows]),
+                *("—" if r.worst[c] is None else f"{100 * r.worst[c]:.1f}" for c in cols),
+                "—" if r.mse is None else f"{1000 * r.mse:.1f}"] for r in rows]),
+        Heading("Attack sanity checks", 3),
+        Paragraph("Signs that an attack works as intended on these defenses, and not against masked gradients: "
+                  "accuracy falls with ε and vanishes for a large one, the white-box attacks are at least as strong "
+                  "as the gray-box and black-box ones, and more EOT draws do not help the defense. FLAG means the "
+                  "difference lies beyond the 95 % intervals."),
+        Table(["check", "classifier", "test σ", "accuracy (%)", "result"], sanity_checks(rows, cfg, examples),
+              numeric=False),
         Figure(figures[0], "Accuracy against test-time noise σ, per threat model (dashed: undefended)."),
         Figure(figures[1], "White-box PGD-EOT adversarial examples, with the noisy input and what the "
                            "denoiser makes of it, per test σ."),

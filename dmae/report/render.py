@@ -13,7 +13,8 @@ from pathlib import Path
 
 from scipy.stats import norm
 
-from dmae.report.certified import Summary, certification_metrics, curve_rows, load_runs
+from dmae.report.certified import Summary, best_over_sigma, certification_metrics, curve_rows, load_runs, radius_key
+from dmae.report.chains import Chain, chain_blocks, chains_figure
 from dmae.report.document import Block, Figure, Heading, Paragraph, Table, from_json, to_html, to_markdown
 from dmae.report.figures import (FINETUNE_COLUMNS, PRETRAIN_COLUMNS, certified_accuracy_figure, finetune_figure,
                                  pretrain_figure, read_metrics_tsv)
@@ -46,6 +47,8 @@ class ReportInputs:
     reconstructions: Path | None = None  # the pretraining figure (PNG), copied into the report
     attack: list[Block] | None = None  # the attack stage's section (attack.json); its figures relative to:
     attack_root: Path | None = None
+    chains: list[Chain] = field(default_factory=list)  # denoised smoothing, certified on every chain_every-th example
+    chain_every: int = 1
 
 
 def library_versions() -> dict[str, str]:
@@ -209,7 +212,19 @@ def make_figures(inputs: ReportInputs, out: Path) -> list[Figure]:
     if inputs.reconstructions:
         atomic_write_bytes(folder / "reconstructions.png", inputs.reconstructions.read_bytes())
         figures.append(Figure(f"{rel}/reconstructions.png", "Pretrained autoencoder on held-out test images."))
+    if inputs.chains:
+        chains_figure(inputs.summary.runs, inputs.chains, inputs.chain_every, folder / "chains")
     return figures
+
+
+def denoised_smoothing(inputs: ReportInputs) -> list[Block]:
+    if not inputs.chains:
+        return []
+    c = _certify_settings(inputs)
+    figure = Figure(f"{FIGURES}/chains.png", "Denoised smoothing: certified accuracy against radius per σ, each chain "
+                    "and (dashed) the fine-tuned DMAE encoder on the same examples.")
+    return chain_blocks(inputs.summary.runs, inputs.chains, inputs.summary.radii, every=inputs.chain_every,
+                        n0=c["n0"] if c else 0, figure=figure)
 
 
 def build(inputs: ReportInputs, figures: list[Figure], attack: list[Block]) -> list[Block]:
@@ -220,6 +235,7 @@ def build(inputs: ReportInputs, figures: list[Figure], attack: list[Block]) -> l
     if table:
         c = _certify_settings(inputs)
         blocks += published(s, table, (c.get("n") or c.get("n_max")) if c else None)
+    blocks += denoised_smoothing(inputs)
     blocks += [Heading("Figures"), *figures, *attack]
     return blocks + settings_blocks(inputs)
 
@@ -265,11 +281,15 @@ def read_attack_section(folder: Path) -> list[Block]:
 
 def build_report(*, dataset: str, radii: list[float], certifications: dict[float, Path],
                  settings_files: dict[str, Path], pretrain_results: Path, finetune_results: dict[float, Path],
-                 attack_results: Path | None, out: Path) -> None:
-    """The report stage: read every sigma's certification (and the attack section), check them all before
-    anything is written, then write OUT/metrics.json (DVC metrics), OUT/curves.tsv (a DVC plot), OUT/figures/,
+                 attack_results: Path | None, out: Path,
+                 chains: dict[str, tuple[dict, dict[float, Path]]] | None = None, chain_every: int = 1) -> None:
+    """The report stage: read every sigma's certification (the chains' `{name: (spec, {sigma: TSV})}`, and the
+    attack section), check them all before anything is written, then write OUT/metrics.json, OUT/headline.json
+    (DVC metrics), OUT/curves.tsv (a DVC plot), OUT/figures/,
     OUT/report.md and OUT/report.html."""
     summary = Summary.of(load_runs(certifications), radii)
+    chain_runs = [Chain(name, spec["denoiser"], spec["classifier"], spec["fine_tuned"], load_runs(tsvs))
+                  for name, (spec, tsvs) in (chains or {}).items()]
     attack = read_attack_section(attack_results) if attack_results else None
     settings, missing = read_settings(settings_files)
     pretrain_tsv = pretrain_results / "metrics.tsv"
@@ -285,9 +305,15 @@ def build_report(*, dataset: str, radii: list[float], certifications: dict[float
         reconstructions=reconstructions if reconstructions.is_file() else None,
         attack=attack,
         attack_root=attack_results,
+        chains=chain_runs,
+        chain_every=chain_every,
     )
     details = certification_metrics(summary)
-    headline = headline_metrics(details, attack_results)  # reads the attack metrics: before anything is written
+    headline = headline_metrics(details, attack_results)
+    if chain_runs:
+        headline["denoised_smoothing"] = {c.name: {radius_key(r): b.accuracy for r, b in
+                                                   zip(summary.radii, best_over_sigma(c.runs, summary.radii))}
+                                          for c in chain_runs}  # reads the attack metrics: before anything is written
     write_json(out / "metrics.json", details)
     write_json(out / "headline.json", headline)
     rows, columns = curve_rows(summary)
@@ -298,7 +324,7 @@ def build_report(*, dataset: str, radii: list[float], certifications: dict[float
 def headline_metrics(certification: dict, attack_results: Path | None) -> dict:
     """The few numbers `dvc exp show` compares (DVC metrics): certified accuracy at each report radius at the best
     sigma, the best ACR and, from the attack stage, each classifier's worst-case robust accuracy (the lowest over
-    its attacks) at its best test sigma."""
+    its attacks, mean over noise draws) at its best test sigma."""
     out = {"certified_accuracy": certification["certified_accuracy"], "acr": certification["acr"]}
     if attack_results:
         path = attack_results / "metrics.json"
@@ -309,6 +335,6 @@ def headline_metrics(certification: dict, attack_results: Path | None) -> dict:
         except ValueError as exc:
             raise UserError(f"{path}: not valid JSON: {exc}") from None
         out["robust_accuracy"] = {
-            name: max(min(v for k, v in columns.items() if k != "clean") for columns in by_sigma.values())
+            name: max(min(v for k, v in columns["mean"].items() if k != "clean") for columns in by_sigma.values())
             for name, by_sigma in rows.items()}
     return out
