@@ -10,8 +10,9 @@ import typer
 from rich.console import Console
 
 from dmae.data import load_split, read_meta
+from dmae.models.autoencoder import load_autoencoder
 from dmae.models.classifier import load_classifier
-from dmae.settings import Runtime, load_params, load_runtime
+from dmae.settings import MAIN_DENOISER, Runtime, load_params, load_runtime
 from dmae.smoothing import Smooth
 from dmae.util.errors import UserError
 from dmae.util.io import atomic_write_text, write_json
@@ -20,6 +21,7 @@ from stages import paths
 from stages.common import PARAMS_OPTION, setup, user_errors
 from tools.bench import TARGETS, machine, rich_table, run_bench, write_report
 from tools.certify_bench import markdown, run_methods, simulate
+from tools.denoiser_error import denoising_mse
 
 
 def _device(name: str | None, runtime: Runtime) -> torch.device:
@@ -100,3 +102,30 @@ def methods(
     atomic_write_text(out, table)
     write_json(out.with_suffix(".json"), {"machine": machine(device), "results": [r.__dict__ for r in results]})
     say(table)
+
+
+@user_errors
+def denoisers(
+    data: Path = typer.Option(paths.PREPARED, help="Prepared data set (its test split is denoised)."),
+    models: Path = typer.Option(paths.MODELS, help="Models folder: pretrain/ and denoisers/NAME/."),
+    params_path: Path = PARAMS_OPTION,
+) -> None:
+    """Denoising error of every pretrained autoencoder (dmae and params defense.denoisers) at every sigma of
+    params: mean squared error per pixel (x1000) of the reconstructed test images; the noisy input as baseline."""
+    params, _, _ = setup(params_path)
+    meta, sigmas = read_meta(data), sorted(params.sigmas)
+    images = torch.stack([x for x, _ in load_split(data, "test")])
+    lines = ["| denoiser | " + " | ".join(f"σ = {s:g}" for s in sigmas) + " |", "|---|" + "---:|" * len(sigmas),
+             "| none (the noisy input, clamped) | " + " | ".join(
+                 f"{1000 * denoising_mse(None, images, s):.1f}" for s in sigmas) + " |"]
+    for name in [MAIN_DENOISER, *params.defense.denoisers]:
+        folder = paths.pretrained(name, models)
+        if not (folder / "model.safetensors").is_file():
+            say(f"{folder}: not pretrained yet, left out")
+            continue
+        how = params.denoiser_settings(name)
+        model = load_autoencoder(folder, params.model.config(meta))
+        lines.append(f"| {name} | " + " | ".join(
+            f"{1000 * denoising_mse(model, images, s, how.norm_pix_loss, how.reconstruct_groups):.1f}"
+            for s in sigmas) + " |")
+    say("\n".join(lines))

@@ -28,6 +28,7 @@ COMMANDS = {  # command -> module:function
     "use-preset": "stages.use_preset:main",
     "bench": "stages.bench:main",
     "bench-methods": "stages.bench:methods",
+    "bench-denoisers": "stages.bench:denoisers",
 }
 HELP = ("dmae: denoising (masked) autoencoders for certified and adversarial robustness.\n\n"
         "Each command is one DVC stage; `dvc repro` runs them in order. Settings come from params.yaml; "

@@ -205,7 +205,9 @@ def test_defense_stages_end_to_end_deterministic_and_resumable(tiny_params, monk
                          "undefended": {"input": "clean", "encoder": "nim", "denoiser": None},
                          "nim": {"input": "denoised", "encoder": "nim", "denoiser": "nim"},
                          "dmae": {"input": "noisy", "encoder": "dmae", "denoiser": "dmae"}},
-                     "defense.finetune": {"consistency": {"enabled": False}, "epochs": 1, "warmup_epochs": 0}},
+                     "defense.finetune": {"consistency": {"enabled": False}, "epochs": 1, "warmup_epochs": 0},
+                     "denoised_smoothing.finetune": {"denoiser": "nim", "encoder": "nim"},
+                     "denoised_smoothing.chains": {"nim": {"denoiser": "nim", "classifier": "nim"}}},
             attack={"examples": 5, "batch_size": 3, "test_sigmas": [0.0, 0.25], "eot": 2, "pgd": {"steps": 2},
                     "square": {"queries": 4}, "autoattack": []})
     for args in (["prepare"], ["pretrain"], ["pretrain", "--variant", "nim"],

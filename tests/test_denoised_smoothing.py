@@ -129,6 +129,9 @@ def test_chain_stages_and_report_on_tiny_settings(tiny_params, monkeypatch):
     for args in (["prepare"], ["pretrain"], ["pretrain", "--variant", "wide"],
                  ["finetune-defense", "--classifier", "undefended"]):
         invoke(*args)
+    table = invoke("bench-denoisers").output
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert {"none (the noisy input, clamped)", "dmae", "wide"} <= set(rows)
     bad = runner.invoke(app, ["certify-chain", "--sigma", "0.5", "--chain", "nope"])
     assert bad.exit_code == 2 and "--chain 'nope' is not a key of params denoised_smoothing.chains" in bad.output
     invoke("finetune", "--sigma", "0.5")

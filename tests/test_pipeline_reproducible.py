@@ -13,7 +13,8 @@ import yaml
 
 from tests.conftest import REPO, TINY, params_with
 
-# The whole pipeline, every stage, on a minute's worth of work: one sigma, one De^3 chain, 8x8 digits.
+# The whole pipeline, every stage, on a minute's worth of work: one sigma, one De^3 chain, two denoised-smoothing
+# chains, 8x8 digits.
 REDUCED = {
     **TINY,
     "sigmas": [0.5],
@@ -40,6 +41,8 @@ def copy_project(dest: Path) -> Path:
     raw["defense"].update(denoisers={}, classifiers={"dmae": {"input": "denoised", "encoder": "dmae",
                                                               "denoiser": "dmae"}},
                           finetune={"consistency": {"enabled": False}, "epochs": 1, "warmup_epochs": 0})
+    raw["denoised_smoothing"].update(finetune={"denoiser": "dmae", "encoder": "dmae"}, chains={
+        "de3": {"denoiser": "dmae", "classifier": "dmae"}, "fine_tuned": {"denoiser": "dmae", "classifier": "per_sigma"}})
     (dest / "params.yaml").write_text(yaml.safe_dump(raw))
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     return dest
