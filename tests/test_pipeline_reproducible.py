@@ -42,7 +42,8 @@ def copy_project(dest: Path) -> Path:
                                                               "denoiser": "dmae"}},
                           finetune={"consistency": {"enabled": False}, "epochs": 1, "warmup_epochs": 0})
     raw["denoised_smoothing"].update(finetune={"denoiser": "dmae", "encoder": "dmae"}, chains={
-        "de3": {"denoiser": "dmae", "classifier": "dmae"}, "fine_tuned": {"denoiser": "dmae", "classifier": "per_sigma"}})
+        "de3": {"denoiser": "dmae", "classifier": "dmae"},
+        "fine_tuned": {"denoiser": "dmae", "classifier": "per_sigma"}})
     (dest / "params.yaml").write_text(yaml.safe_dump(raw))
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     return dest
