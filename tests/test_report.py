@@ -161,8 +161,8 @@ def write_attack_results(folder):
     """What `dmae attack` leaves for the report: its section as document blocks, the figures, settings.json."""
     cfg = settings("attack", autoattack=[], eot=2)
     accuracy = {c: 0.5 for c in columns(cfg)}
-    rows = [Row("undefended", 0.0, False, accuracy, accuracy, None),
-            Row("nim", 0.25, True, {**accuracy, "white_pgd_eot": 0.625}, {**accuracy, "white_pgd_eot": 0.5}, 0.01)]
+    nim = {**accuracy, "white_pgd_eot": 0.625, "gray_pgd": 0.375, "sweep_pgd_0.5": 0.0}
+    rows = [Row("undefended", 0.0, False, accuracy, accuracy, None), Row("nim", 0.25, True, nim, nim, 0.01)]
     folder.mkdir(parents=True)
     for stem in ("tradeoff", "adversarial"):
         plt.imsave(folder / f"{stem}.png", np.eye(4))
@@ -251,6 +251,9 @@ def test_stage_includes_the_attack_section(tmp_path):
     md = (out / "report.md").read_text()
     assert "## Adversarial robustness: NIM / De³" in md
     assert re.search(r"\| nim \| 63\.8/255 \|( 50\.0 \(38–62\) \|){4} 62\.5 \(50–73\) \|", md)  # PGD EOT-2: 6th
+    # the headline's worst case is over the attacks at the configured eps: gray-box PGD, not the eps sweep
+    headline = json.loads((out / "headline.json").read_text())
+    assert headline["robust_accuracy"] == {"undefended": 0.5, "nim": 0.375}
     assert "figures/attack_tradeoff.png" in md and "figures/attack_adversarial.png" in md
     assert (out / "figures/attack_tradeoff.png").read_bytes() == (tmp_path / "results/attack/tradeoff.png").read_bytes()
     assert len(re.findall(r"<img ", (out / "report.html").read_text())) == 7  # 5 of ours, 2 of the attack

@@ -12,7 +12,7 @@ import math
 import matplotlib.pyplot as plt
 import torch
 
-from dmae.defense.robustness import Row, columns, sigma_label, sweep_columns
+from dmae.defense.robustness import SWEEP, Row, columns, sigma_label, sweep_columns
 from dmae.report.document import Block, Figure, Heading, Paragraph, Table, to_json, to_markdown
 from dmae.settings import AttackSettings
 from dmae.util.figures import image_grid, save_figure
@@ -26,7 +26,11 @@ def labels(cfg: AttackSettings) -> dict[str, str]:
             "white_pgd_eot": f"PGD EOT-{cfg.eot}", "white_pgd_bpda": f"BPDA EOT-{cfg.eot}",
             "gray_fgsm": "gray-box FGSM", "gray_pgd": "gray-box PGD", "square": "Square",
             "autoattack_standard": "AutoAttack", "autoattack_rand": "AutoAttack rand",
-            **{c: f"PGD ε={sigma_label(eps)}" for c, eps in sweep_columns(cfg).items()}}
+            **{c: f"PGD ε={_eps(eps)}" for c, eps in sweep_columns(cfg).items()}}
+
+
+def _eps(eps: float) -> str:
+    return "0" if eps == 0 else sigma_label(eps)
 
 
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile
@@ -43,12 +47,15 @@ def wilson_interval(accuracy: float, n: int) -> tuple[float, float]:
 
 
 def attack_metrics(rows: list[Row]) -> dict:
-    """{classifier: {sigma-S: {"mean": {column: accuracy}, "worst_draw": {...}}}} for `dvc metrics`; columns
-    that do not apply left out."""
+    """{classifier: {sigma-S: {"mean": {column: accuracy}, "worst_draw": {...}, "worst_attack": a,
+    "denoising_mse": m}}}; columns that do not apply left out. worst_attack: the lowest mean accuracy over the
+    attacks at the configured eps (not clean, not the eps sweep)."""
     out: dict[str, dict] = {}
     for r in rows:
+        mean = {k: v for k, v in r.accuracy.items() if v is not None}
         out.setdefault(r.classifier, {})[f"sigma-{r.sigma:g}"] = {
-            "mean": {k: v for k, v in r.accuracy.items() if v is not None},
+            "mean": mean,
+            "worst_attack": min(v for k, v in mean.items() if k != "clean" and not k.startswith(SWEEP)),
             "worst_draw": {k: v for k, v in r.worst.items() if v is not None},
             **({"denoising_mse": r.mse} if r.mse is not None else {})}
     return out
@@ -72,13 +79,13 @@ def sanity_checks(rows: list[Row], cfg: AttackSettings, n: int) -> list[list[str
     for r in rows:
         where, acc = [r.classifier, sigma_label(r.sigma)], r.accuracy
         falls = [acc[c] for _, c in sweep]
-        out.append(["PGD accuracy does not rise with ε (" + ", ".join(sigma_label(e) for e, _ in sweep) + ")",
+        out.append(["PGD accuracy does not rise with ε (" + ", ".join(_eps(e) for e, _ in sweep) + ")",
                     *where, " ≥ ".join(map(pct, falls)),
                     "FLAG" if any(above(b, a) for a, b in zip(falls, falls[1:])) else "pass"])
         large = [(e, c) for e, c in sweep if e >= LARGE_EPS]
         if large:
             e, c = large[-1]
-            out.append([f"PGD at ε = {sigma_label(e)} brings accuracy near 0 (≤ {pct(NEAR_ZERO)})", *where,
+            out.append([f"PGD at ε = {_eps(e)} brings accuracy near 0 (≤ {pct(NEAR_ZERO)})", *where,
                         pct(acc[c]), "pass" if acc[c] <= NEAR_ZERO else "FLAG"])
         white = min(acc["white_pgd_eot"], acc["white_pgd_bpda"])
         for other, name in (("gray_pgd", "gray-box PGD"), ("square", "Square (black-box)")):

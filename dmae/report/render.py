@@ -311,7 +311,7 @@ def build_report(*, dataset: str, radii: list[float], certifications: dict[float
     details = certification_metrics(summary)
     headline = headline_metrics(details, attack_results)
     if chain_runs:
-        headline["denoised_smoothing"] = {c.name: {radius_key(r): b.accuracy for r, b in
+        headline["denoised_smoothing"] = {c.name: {radius_key(r): round(b.accuracy, 6) for r, b in
                                                    zip(summary.radii, best_over_sigma(c.runs, summary.radii))}
                                           for c in chain_runs}  # reads the attack metrics: before anything is written
     write_json(out / "metrics.json", details)
@@ -334,7 +334,6 @@ def headline_metrics(certification: dict, attack_results: Path | None) -> dict:
             rows = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as exc:
             raise UserError(f"{path}: not valid JSON: {exc}") from None
-        out["robust_accuracy"] = {
-            name: max(min(v for k, v in columns["mean"].items() if k != "clean") for columns in by_sigma.values())
-            for name, by_sigma in rows.items()}
+        out["robust_accuracy"] = {name: max(columns["worst_attack"] for columns in by_sigma.values())
+                                  for name, by_sigma in rows.items()}
     return out
