@@ -52,8 +52,8 @@ def chain_blocks(encoder: Mapping[float, Run], chains: list[Chain], radii, *, ev
         Heading("Denoised smoothing: one denoiser, any classifier"),
         Paragraph(f"The base classifier of a chain denoises each noisy sample in one step with a frozen autoencoder "
                   f"(at the known σ) and labels the reconstruction; it is certified with the certify settings, "
-                  f"on every k-th test example, k = {every} ({len(first.radius)} examples; the encoder's rows below are "
-                  f"the same examples). Cost: a chain runs two models per sample (denoiser and classifier), the "
+                  f"on every k-th test example, k = {every} ({len(first.radius)} examples; the encoder's rows below "
+                  f"are the same examples). Cost: a chain runs two models per sample (denoiser and classifier), the "
                   f"encoder one; samples include N0 = {n0}. Seconds per example are in results/timings/ (not "
                   f"part of the cached results, as they vary from run to run). Chains: "
                   + "; ".join(c.label for c in chains) + ".")]
