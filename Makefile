@@ -30,7 +30,7 @@ test-all: setup
 # On a machine with a CUDA GPU (the lent device has torch, timm, scipy, safetensors and rich in its python3;
 # pydantic-settings and typer must be installed there, e.g. from carried wheels): figures to gpu-check.md / .json
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
-gpu-check:  ## every CUDA path the paper scale relies on, once, under 8 minutes (tools/gpu_check.py)
+gpu-check:  ## every CUDA path the paper scale relies on, once, sized for < 8 minutes (tools/gpu_check.py)
 	$(GPU_PYTHON) -m tools.gpu_check --out gpu-check
 
 lock:  ## re-resolve requirements.lock from pyproject.toml (needs the package index; uv: `pip install uv`)
