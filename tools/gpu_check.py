@@ -1,8 +1,8 @@
 """`make gpu-check`: run, once, every CUDA path the paper scale relies on and write the figures down.
 
 One script for a lent GPU (sized to stay under 8 minutes on one device; not yet run on one): the `dmae bench`
-cases at ViT-B/16 224 (certification in fp32 and bf16, eager and torch.compile with and without CUDA graphs, pretraining and fine-tuning steps, peak memory,
-FLOP/s against a matrix product timed in the same run), adaptive CERTIFY with several images in one forward batch
+cases at ViT-B/16 224 (certification in fp32 and bf16, eager and torch.compile with and without CUDA graphs,
+pretraining and fine-tuning steps, peak memory, FLOP/s against a matrix product timed in the same run), adaptive CERTIFY with several images in one forward batch
 against one image at a time, and a one-GPU torchrun of `dmae certify` on a small synthetic workspace. Writes
 OUT.md (the format of docs/benchmarks.md) and OUT.json.
 
