@@ -3,8 +3,8 @@
 One script for a lent GPU (sized to stay under 8 minutes on one device; not yet run on one): the `dmae bench`
 cases at ViT-B/16 224 (certification in fp32 and bf16, eager and torch.compile with and without CUDA graphs,
 pretraining and fine-tuning steps, peak memory, FLOP/s against a matrix product timed in the same run), adaptive
-CERTIFY with several images in one forward batch against one image at a time, and a one-GPU torchrun of `dmae certify` on a small synthetic workspace. Writes
-OUT.md (the format of docs/benchmarks.md) and OUT.json.
+CERTIFY with several images in one forward batch against one image at a time, and a one-GPU torchrun of
+`dmae certify` on a small synthetic workspace. Writes OUT.md (the format of docs/benchmarks.md) and OUT.json.
 
     python -m tools.gpu_check --out gpu-check            # on the GPU machine
     python -m tools.gpu_check --device cpu --quick       # the same paths at toy sizes (the test suite runs this)
