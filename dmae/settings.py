@@ -274,6 +274,14 @@ class SquareSettings(Section):
     p_init: Annotated[float, Field(gt=0, le=1)]
 
 
+class AutoAttackSettings(Section):
+    """AutoAttack (pyautoattack) on the first `examples` attack examples, at the test sigmas in `test_sigmas`."""
+
+    versions: list[Literal["standard", "rand"]]
+    examples: Count
+    test_sigmas: list[Annotated[float, Number, Field(ge=0, le=10)]]  # a subset of attack.test_sigmas
+
+
 class AttackSettings(Section):
     """l-infinity attacks on every classifier of defense.classifiers, through its defense at each test sigma."""
 
@@ -286,19 +294,31 @@ class AttackSettings(Section):
     eot: Count
     draws: Count  # noise draws of a randomized defense per attacked example when evaluating (mean and worst)
     square: SquareSettings
-    autoattack: list[Literal["standard", "rand"]]
+    autoattack: AutoAttackSettings
     figure: Name
     seed: Seed
 
     @model_validator(mode="after")
     def _check(self) -> "AttackSettings":
-        for key in ("test_sigmas", "autoattack", "eps_sweep"):
-            values = getattr(self, key)
+        lists = {"test_sigmas": self.test_sigmas, "eps_sweep": self.eps_sweep,
+                 "autoattack.versions": self.autoattack.versions, "autoattack.test_sigmas": self.autoattack.test_sigmas}
+        for key, values in lists.items():
             if len(set(values)) != len(values):
                 raise ValueError(f"{key} has duplicates: {values}")
         if not self.test_sigmas:
             raise ValueError("test_sigmas is empty")
+        if unknown := [s for s in self.autoattack.test_sigmas if s not in self.test_sigmas]:
+            raise ValueError(f"autoattack.test_sigmas {unknown} are not in test_sigmas {self.test_sigmas}")
+        if self.autoattack.examples > self.examples:
+            raise ValueError(f"autoattack.examples = {self.autoattack.examples} is more than examples = "
+                             f"{self.examples}")
         return self
+
+    def autoattack_columns(self, sigma: float) -> list[str]:
+        """The AutoAttack columns run at test sigma `sigma` ('rand' needs noise: not at 0)."""
+        if sigma not in self.autoattack.test_sigmas:
+            return []
+        return [f"autoattack_{v}" for v in self.autoattack.versions if v == "standard" or sigma > 0]
 
 
 class ChainSpec(Section):

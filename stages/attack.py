@@ -48,6 +48,6 @@ def main(
         rows, shown = evaluate_chains(chains, params.model.config(meta), meta["num_classes"], x, y, cfg,
                                       device=device, state_path=state.path("rows.pt"), show=SHOW,
                                       progress=runtime.progress)
-        write_attack_outputs(rows, shown, cfg, params.data.dataset, len(x), out)
+        write_attack_outputs(rows, shown, params, len(x), out)
         write_settings(out / "settings.json", settings)
         state.finish()

@@ -16,11 +16,11 @@ from dmae.models.autoencoder import DenoisingMAE
 from dmae.models.classifier import Classifier
 from dmae.settings import deep_merge, parse_params
 from dmae.util.errors import UserError
-from tests.conftest import params_with, settings
+from tests.conftest import NO_AUTOATTACK, params_with, settings
 
 CFG = ModelConfig("tiny", 16, 4, 1, (0.3,), (0.3,))
 ATTACK = settings("attack", examples=4, batch_size=3, test_sigmas=[0.0, 0.25], eps=8 / 255, eot=3,
-                  pgd={"steps": 2, "step_size": 4 / 255}, square={"queries": 6}, autoattack=[])
+                  pgd={"steps": 2, "step_size": 4 / 255}, square={"queries": 6}, autoattack=NO_AUTOATTACK)
 
 
 class BackwardCounter:
@@ -105,13 +105,11 @@ def test_training_inputs(parts):
 
 def test_evaluate_is_deterministic_and_copies_what_is_equal_without_noise(parts):
     denoiser, classifier, x, y = parts
-    cfg = ATTACK.model_copy(update={"autoattack": ["rand"]})
     run = []
-    plain = evaluate_defense(Defense(denoiser, classifier, 0.0), x, y, cfg, key=("c", 0.0),
+    plain = evaluate_defense(Defense(denoiser, classifier, 0.0), x, y, ATTACK, key=("c", 0.0),
                      on_column=lambda column, accuracy, seconds: run.append(column))
     assert plain.accuracy["gray_pgd"] == plain.accuracy["white_pgd"]
     assert plain.accuracy["white_fgsm_eot"] == plain.accuracy["white_fgsm"]
-    assert plain.accuracy["autoattack_rand"] is None
     assert run == ["clean", "white_fgsm", "white_pgd", "square", "sweep_pgd_0", "sweep_pgd_0.5"]
 
     noisy = Defense(denoiser, classifier, 0.25)
@@ -121,11 +119,44 @@ def test_evaluate_is_deterministic_and_copies_what_is_equal_without_noise(parts)
     assert all(0 <= a <= 1 for a in runs[0].accuracy.values())
 
 
+def test_autoattack_runs_on_the_first_examples_at_its_test_sigmas_only(parts, monkeypatch):
+    """AutoAttack sees the first autoattack.examples examples (accuracy over those), only at its test sigmas, and
+    'rand' never without noise. The attack itself is replaced by one that breaks every other example."""
+    denoiser, classifier, x, y = parts
+    seen = []
+
+    def fake_autoattack(model, xb, yb, eps, version, seed, batch_size):
+        seen.append((version, len(xb)))
+        return xb + (torch.arange(len(xb)) % 2 == 1).float()[:, None, None, None]  # odd ones: moved away
+
+    monkeypatch.setattr(robustness, "autoattack", fake_autoattack)
+    monkeypatch.setattr(robustness, "robust_accuracy",  # correct unless moved
+                        lambda model, x_adv, yb: float((x_adv.flatten(1).amax(1) <= 1).float().mean()))
+    cfg = settings("attack", examples=4, batch_size=2, test_sigmas=[0.0, 0.25, 0.5], eot=1, draws=2,
+                   pgd={"steps": 1}, square={"queries": 2}, eps_sweep=[],
+                   autoattack={"versions": ["standard", "rand"], "examples": 3, "test_sigmas": [0.0, 0.25]})
+    x = x.clamp(0.1, 0.4)  # moved examples exceed 1
+    none = evaluate_defense(Defense(denoiser, classifier, 0.0), x, y, cfg, key=("c", 0.0))
+    assert seen == [("standard", 2), ("standard", 1)]  # 3 examples in batches of 2
+    assert none.accuracy["autoattack_standard"] == pytest.approx(2 / 3) and none.accuracy["autoattack_rand"] is None
+    seen.clear()
+    low = evaluate_defense(Defense(denoiser, classifier, 0.25), x, y, cfg, key=("c", 0.25))
+    assert seen == [("standard", 2), ("standard", 1), ("rand", 2), ("rand", 1)]
+    assert low.accuracy["autoattack_rand"] == low.worst["autoattack_rand"] == pytest.approx(2 / 3)
+    seen.clear()
+    high = evaluate_defense(Defense(denoiser, classifier, 0.5), x, y, cfg, key=("c", 0.5))
+    assert seen == [] and high.accuracy["autoattack_standard"] is None and high.accuracy["autoattack_rand"] is None
+
+
 @pytest.mark.parametrize("raw, message", [
     ({"attack": {"eps": 1.5}}, "attack.eps = 1.5"),
     ({"attack": {"pgd": {"steps": 0}}}, "attack.pgd.steps = 0"),
     ({"attack": {"eot": 0}}, "attack.eot = 0"),
-    ({"attack": {"autoattack": ["fast"]}}, "attack.autoattack.0 = 'fast'"),
+    ({"attack": {"autoattack": {"versions": ["fast"]}}}, "attack.autoattack.versions.0 = 'fast'"),
+    ({"attack": {"autoattack": {"test_sigmas": [0.5]}}}, "autoattack.test_sigmas [0.5] are not in test_sigmas"),
+    ({"attack": {"autoattack": {"examples": 65}}}, "autoattack.examples = 65 is more than examples = 64"),
+    ({"attack": {"autoattack": {"versions": ["rand", "rand"]}}}, "autoattack.versions has duplicates"),
+    ({"attack": {"autoattack": ["standard"]}}, "attack.autoattack"),
     ({"attack": {"test_sigmas": [0.0, -0.1]}}, "attack.test_sigmas.1 = -0.1"),
     ({"attack": {"figure": "undefended"}}, "attack.figure = 'undefended'"),
     ({"attack": {"queries": 5}}, "attack.queries: unknown key"),
@@ -209,7 +240,7 @@ def test_defense_stages_end_to_end_deterministic_and_resumable(tiny_params, monk
                      "denoised_smoothing.finetune": {"denoiser": "nim", "encoder": "nim"},
                      "denoised_smoothing.chains": {"nim": {"denoiser": "nim", "classifier": "nim"}}},
             attack={"examples": 5, "batch_size": 3, "test_sigmas": [0.0, 0.25], "eot": 2, "pgd": {"steps": 2},
-                    "square": {"queries": 4}, "autoattack": []})
+                    "square": {"queries": 4}, "autoattack": NO_AUTOATTACK})
     for args in (["prepare"], ["pretrain"], ["pretrain", "--variant", "nim"],
                  *(["finetune-defense", "--classifier", c] for c in ("undefended", "nim", "dmae"))):
         assert _invoke(*args).exit_code == 0, args

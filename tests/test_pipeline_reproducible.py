@@ -23,7 +23,8 @@ REDUCED = {
     "model": {"preset": "tiny", "img_size": 8, "patch_size": 4},
     "pretrain": {"epochs": 2, "batch_size": 64, "warmup_epochs": 1},
     "finetune": {"epochs": 1, "batch_size": 64, "warmup_epochs": 0},
-    "attack": {"examples": 4, "batch_size": 4, "test_sigmas": [0.0, 0.25], "eot": 1, "autoattack": [],
+    "attack": {"examples": 4, "batch_size": 4, "test_sigmas": [0.0, 0.25], "eot": 1,
+               "autoattack": {"versions": ["standard"], "examples": 2, "test_sigmas": [0.0]},
                "pgd": {"steps": 1}, "square": {"queries": 3}, "figure": "dmae"},
 }
 

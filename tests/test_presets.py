@@ -42,7 +42,8 @@ IMAGENET_CERTIFY = {"data.dataset": "imagenet", "data.image_size": 224, "data.te
                     "certify.n0": 100, "certify.n": 10_000, "certify.alpha": 0.001, "report.radii": IMAGENET_RADII}
 ATTACK = {"attack.eps": 4 / 255, "attack.test_sigmas": [0.0, 70 / 255, 140 / 255], "attack.pgd.steps": 10,
           "attack.pgd.step_size": 2 / 255, "attack.pgd.random_start": True, "attack.square.queries": 5000,
-          "attack.autoattack": ["standard", "rand"], "defense.train_sigma_max": 30 / 255}
+          "attack.autoattack.versions": ["standard", "rand"], "attack.autoattack.examples": 1000,
+          "defense.train_sigma_max": 30 / 255}
 EXPECTED = {
     "imagenet-dmae-vit-b": {**DMAE_PRETRAIN, **VIT_B_FINETUNE, **CONSISTENCY, **IMAGENET_CERTIFY, **ATTACK,
                             "model.preset": "base", "pretrain.epochs": 1100, "pretrain.init_from": None},

@@ -7,6 +7,8 @@ import re
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+import torch
+import yaml
 from typer.testing import CliRunner
 
 from dmae.defense.robustness import Row, columns
@@ -14,9 +16,10 @@ from dmae.report.attack import attack_metrics, section
 from dmae.report.certified import Summary, certification_metrics, load_runs
 from dmae.report.document import Figure, Heading, Paragraph, Table, from_json, to_json, to_markdown
 from dmae.smoothing.certify import HEADER
+from dmae.settings import parse_params
 from dmae.util.errors import UserError
 from stages.cli import app
-from tests.conftest import params_with, settings
+from tests.conftest import NO_AUTOATTACK, REPO, params_with, settings
 
 # idx, label, predict, radius, correct. Radii 0.25, 0.5, 0.75 and 1.0 sit exactly on grid points; predict -1
 # is an abstention; sigma 0.5 idx 3 is correct with radius 0 (pA_lower exactly 0.5).
@@ -157,27 +160,45 @@ def run_report(root, attack=False):
     return CliRunner().invoke(app, args)
 
 
+def attack_params(**attack):
+    """The project's params with `attack` merged into its attack section."""
+    return parse_params(params_with({"attack": attack}))
+
+
 def write_attack_results(folder):
     """What `dmae attack` leaves for the report: its section as document blocks, the figures, settings.json."""
-    cfg = settings("attack", autoattack=[], eot=2)
+    params = attack_params(eot=2, autoattack={"versions": ["standard", "rand"], "examples": 16})
+    cfg = params.attack
     accuracy = {c: 0.5 for c in columns(cfg)}
-    nim = {**accuracy, "white_pgd_eot": 0.625, "gray_pgd": 0.375, "sweep_pgd_0.5": 0.0}
-    rows = [Row("undefended", 0.0, False, accuracy, accuracy, None), Row("nim", 0.25, True, nim, nim, 0.01)]
+    undefended = {**accuracy, "autoattack_standard": 0.25, "autoattack_rand": None}  # rand: no noise, no column
+    nim = {**accuracy, "white_pgd_eot": 0.625, "gray_pgd": 0.375, "sweep_pgd_0.5": 0.0, "autoattack_rand": 0.125}
+    rows = [Row("undefended", 0.0, False, undefended, undefended, None), Row("nim", 0.25, True, nim, nim, 0.01)]
     folder.mkdir(parents=True)
     for stem in ("tradeoff", "adversarial"):
         plt.imsave(folder / f"{stem}.png", np.eye(4))
-    blocks = section(rows, cfg, "digits", 64, ["tradeoff.png", "adversarial.png"])
+    blocks = section(rows, params, 64, ["tradeoff.png", "adversarial.png"])
     (folder / "attack.json").write_text(json.dumps(to_json(blocks)))
     (folder / "metrics.json").write_text(json.dumps(attack_metrics(rows)))
     (folder / "settings.json").write_text(json.dumps({"attack": {"eot": 2}}))
 
 
 def test_attack_section_warns_about_autoattack_only_when_run():
-    for autoattack in ([], ["standard", "rand"]):
-        cfg = settings("attack", autoattack=autoattack)
+    for versions in ([], ["standard", "rand"]):
+        params = attack_params(autoattack={"versions": versions})
+        cfg = params.attack
         rows = [Row("nim", 0.25, True, {c: 0.5 for c in columns(cfg)}, {c: 0.5 for c in columns(cfg)}, 0.01)]
-        text = to_markdown(section(rows, cfg, "digits", 8, ["t.png", "a.png"]))
-        assert ("its accuracy is an upper bound" in text) == bool(autoattack)
+        text = to_markdown(section(rows, params, 8, ["t.png", "a.png"]))
+        assert ("its accuracy is an upper bound" in text) == bool(versions)
+
+
+def test_autoattack_cells_take_their_interval_over_the_autoattack_examples():
+    params = attack_params(autoattack={"versions": ["standard"], "examples": 16, "test_sigmas": [0.0]})
+    accuracy = {c: 0.5 for c in columns(params.attack)}
+    text = to_markdown(section([Row("undefended", 0.0, False, accuracy, accuracy, None)], params, 64,
+                               ["t.png", "a.png"]))
+    # 0.5 over 64 examples: 38-62 (the other columns); over 16: centre 0.5,
+    # half-width 1.96 sqrt(1/64 + 1.96^2/1024) / 1.2401 = 0.2200 -> 28-72
+    assert "50.0 (38–62)" in text and "50.0 (28–72)" in text and "on the first 16 examples at test σ none" in text
 
 
 def test_wilson_interval_against_hand_computed_values():
@@ -190,10 +211,47 @@ def test_wilson_interval_against_hand_computed_values():
 
 
 def test_attack_table_shows_interval_and_worst_draw():
-    cfg = settings("attack", autoattack=[], draws=8)
+    params = attack_params(autoattack=NO_AUTOATTACK, draws=8)
+    cfg = params.attack
     rows = [Row("nim", 0.25, True, {c: 0.5 for c in columns(cfg)}, {c: 0.375 for c in columns(cfg)}, 0.0123)]
-    text = to_markdown(section(rows, cfg, "digits", 64, ["t.png", "a.png"]))
+    text = to_markdown(section(rows, params, 64, ["t.png", "a.png"]))
     assert "50.0 (38–62)" in text and "37.5" in text and "worst of 8 noise draws" in text and "| 12.3 |" in text
+
+
+def test_attack_outputs_with_autoattack_at_some_sigmas_only(tmp_path):
+    from dmae.report.attack import write_attack_outputs
+
+    params = attack_params(autoattack={"versions": ["standard", "rand"], "examples": 16,
+                                       "test_sigmas": [0.0, 0.2745098]})
+    cols = columns(params.attack)
+
+    def row(name, sigma, defended):
+        accuracy = {c: 0.5 for c in cols}
+        if sigma not in params.attack.autoattack.test_sigmas:
+            accuracy |= {"autoattack_standard": None, "autoattack_rand": None}
+        if sigma == 0:
+            accuracy["autoattack_rand"] = None
+        return Row(name, sigma, defended, accuracy, accuracy, 0.01 if sigma else None)
+
+    rows = [row("undefended", 0.0, False), *(row("nim", s, True) for s in params.attack.test_sigmas)]
+    shown = {"clean": torch.zeros(2, 1, 16, 16)}
+    write_attack_outputs(rows, shown, params, 64, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["nim"]["sigma-0.27451"]["autoattack"] == {"standard": 0.5, "rand": 0.5}
+    assert "autoattack" not in metrics["nim"]["sigma-0.137255"]
+    assert (tmp_path / "tradeoff.png").is_file() and "| nim | 35/255 |" in (tmp_path / "attack.md").read_text()
+
+
+def test_paper_comparison_says_what_the_run_can_show():
+    from dmae.report.attack import paper_comparison
+
+    digits = to_markdown(paper_comparison(attack_params(), 64))
+    assert "not comparable to its tables" in digits and "38–62 %" in digits  # Wilson at 0.5 over 64
+    assert "| examples | 64 (AutoAttack: 32) | 50,000 (AutoAttack: 5,000) |" in digits
+    preset = parse_params(yaml.safe_load((REPO / "presets/imagenet-nim-vit-b.yaml").read_text()))
+    imagenet = to_markdown(paper_comparison(preset, 1000))
+    assert "Same data as the paper" in imagenet and "| ℓ∞ budget ε | 4/255 | 4/255 |" in imagenet
+    assert "| test σ | none, 70/255, 140/255 |" in imagenet
 
 
 def test_document_blocks_survive_json():
@@ -251,9 +309,13 @@ def test_stage_includes_the_attack_section(tmp_path):
     md = (out / "report.md").read_text()
     assert "## Adversarial robustness: NIM / De³" in md
     assert re.search(r"\| nim \| 63\.8/255 \|( 50\.0 \(38–62\) \|){4} 62\.5 \(50–73\) \|", md)  # PGD EOT-2: 6th
-    # the headline's worst case is over the attacks at the configured eps: gray-box PGD, not the eps sweep
+    # the headline's worst case is over the attacks at the configured eps run on every example: gray-box PGD,
+    # not the eps sweep, not AutoAttack (on a subset: reported beside it)
     headline = json.loads((out / "headline.json").read_text())
     assert headline["robust_accuracy"] == {"undefended": 0.5, "nim": 0.375}
+    assert headline["autoattack"] == {"undefended": {"sigma-0": {"standard": 0.25}},
+                                      "nim": {"sigma-0.25": {"standard": 0.5, "rand": 0.125}}}
+    assert "### Against the NIM paper's protocol" in md and "| ℓ∞ budget ε | 16/255 | 4/255 |" in md
     assert "figures/attack_tradeoff.png" in md and "figures/attack_adversarial.png" in md
     assert (out / "figures/attack_tradeoff.png").read_bytes() == (tmp_path / "results/attack/tradeoff.png").read_bytes()
     assert len(re.findall(r"<img ", (out / "report.html").read_text())) == 7  # 5 of ours, 2 of the attack
@@ -292,7 +354,7 @@ def test_stage_names_the_missing_sigma_file(tmp_path):
 
 def test_sanity_checks_flag_only_beyond_the_error_bars():
     from dmae.report.attack import sanity_checks
-    cfg = settings("attack", autoattack=[], eps_sweep=[0.0, 0.5])
+    cfg = settings("attack", autoattack=NO_AUTOATTACK, eps_sweep=[0.0, 0.5])
     good = {c: 0.5 for c in columns(cfg)} | {"sweep_pgd_0": 0.9, "white_pgd": 0.5, "sweep_pgd_0.5": 0.0}
     masked = good | {"white_pgd_eot": 0.9, "white_pgd_bpda": 0.85, "gray_pgd": 0.3, "sweep_pgd_0.5": 0.6,
                      "white_pgd": 0.55}  # a defense whose gradients mislead: every check should trip

@@ -8,13 +8,14 @@ For a defense D(x) = classifier(denoise(x + noise)) at test-time noise level sig
 - gray-box (`gray_*`): examples crafted on the classifier alone, evaluated through the defense; no gradient
   ever passes through the denoiser;
 - black-box (`square`): Square, which only queries the defense's logits;
-- AutoAttack 'standard' and 'rand' (APGD with EOT over 20 draws, for randomized models) through the chain;
+- AutoAttack 'standard' and 'rand' (APGD with EOT over 20 draws, for randomized models) through the chain, on
+  the first `autoattack.examples` examples at the test sigmas of `autoattack.test_sigmas` (None elsewhere);
 - the eps sweep (`sweep_pgd_<eps>`): white-box PGD at each eps of `eps_sweep` (steps scaled to reach the ball's
   edge), for the sanity check that accuracy falls with eps and vanishes at a large one.
 Every column is evaluated over `draws` noise draws of the defense on the attacked examples (`clean`: on the clean
 ones): the mean accuracy over the draws, and the accuracy of the worst draw. At sigma 0 the model is the
 classifier alone and deterministic: one draw, EOT and gray-box coincide with the white-box attack (copied, not
-rerun) and AutoAttack 'rand' does not apply (None).
+rerun) and AutoAttack 'rand' does not apply.
 
 Determinism: every attack and every evaluation reseeds torch's global RNG (the defense's noise) and the
 attack's own generator from (seed, row key, column, batch index).
@@ -44,12 +45,18 @@ ATTACKS = ["white_fgsm", "white_fgsm_eot", "white_pgd", "white_pgd_eot", "white_
 SAME_WHEN_DETERMINISTIC = {"white_fgsm_eot": "white_fgsm", "white_pgd_eot": "white_pgd",
                            "white_pgd_bpda": "white_pgd", "gray_fgsm": "white_fgsm", "gray_pgd": "white_pgd"}
 SWEEP = "sweep_pgd_"  # + eps: the eps-sweep columns
+AUTOATTACK = "autoattack_"  # + version
 SHOWN = "white_pgd_eot"  # the attack whose examples `evaluate` keeps for figures
 
 
 def columns(cfg: AttackSettings) -> list[str]:
     """The accuracy columns of one row: clean, then every attack (AutoAttack versions as configured)."""
-    return ["clean", *ATTACKS, *(f"autoattack_{v}" for v in cfg.autoattack), *sweep_columns(cfg)]
+    return ["clean", *ATTACKS, *(AUTOATTACK + v for v in cfg.autoattack.versions), *sweep_columns(cfg)]
+
+
+def column_examples(cfg: AttackSettings, column: str, examples: int) -> int:
+    """How many of the `examples` attack examples a column is evaluated on (AutoAttack: the first few)."""
+    return min(cfg.autoattack.examples, examples) if column.startswith(AUTOATTACK) else examples
 
 
 def sweep_columns(cfg: AttackSettings) -> dict[str, float]:
@@ -63,8 +70,8 @@ def craft(column: str, defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: 
     if column == "clean":
         return x
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    if column.startswith("autoattack_"):
-        version = column.removeprefix("autoattack_")
+    if column.startswith(AUTOATTACK):
+        version = column.removeprefix(AUTOATTACK)
         return autoattack(defense, x, y, cfg.eps, version, seed=seed % 2**31, batch_size=len(x))
     if column == "square":
         return square_attack(defense, x, y, cfg.eps, cfg.square.queries, cfg.square.p_init, generator)
@@ -110,12 +117,13 @@ def evaluate_defense(defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: At
             accuracy[column] = accuracy[SAME_WHEN_DETERMINISTIC[column]]
             worst[column] = worst[SAME_WHEN_DETERMINISTIC[column]]
             continue
-        if deterministic and column == "autoattack_rand":
+        if column.startswith(AUTOATTACK) and column not in cfg.autoattack_columns(defense.sigma):
             accuracy[column] = worst[column] = None
             continue
+        n = column_examples(cfg, column, len(x))
         t0, correct, kept = time.perf_counter(), [0] * draws, []
-        for b, start in enumerate(range(0, len(x), cfg.batch_size)):
-            xb, yb = x[start:start + cfg.batch_size], y[start:start + cfg.batch_size]
+        for b, start in enumerate(range(0, n, cfg.batch_size)):
+            xb, yb = x[start:min(start + cfg.batch_size, n)], y[start:min(start + cfg.batch_size, n)]
             seed = derive_seed(cfg.seed, *key, column, b)
             torch.manual_seed(seed)
             x_adv = craft(column, defense, xb, yb, cfg, seed)
@@ -124,7 +132,7 @@ def evaluate_defense(defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: At
                 correct[d] += round(robust_accuracy(defense, x_adv, yb) * len(yb))  # one draw: a count
             if column == SHOWN and keep > sum(map(len, kept)):
                 kept.append(x_adv)
-        accuracy[column], worst[column] = sum(correct) / (draws * len(x)), min(correct) / len(x)
+        accuracy[column], worst[column] = sum(correct) / (draws * n), min(correct) / n
         if kept:
             shown = torch.cat(kept)[:keep]
         if on_column:

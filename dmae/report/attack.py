@@ -12,9 +12,10 @@ import math
 import matplotlib.pyplot as plt
 import torch
 
-from dmae.defense.robustness import SWEEP, Row, columns, sigma_label, sweep_columns
+from dmae.defense.robustness import AUTOATTACK, SWEEP, Row, column_examples, columns, sigma_label, sweep_columns
 from dmae.report.document import Block, Figure, Heading, Paragraph, Table, to_json, to_markdown
-from dmae.settings import AttackSettings
+from dmae.models.architectures import ARCHITECTURES
+from dmae.settings import AttackSettings, NoiseSettings, Params
 from dmae.util.figures import image_grid, save_figure
 from dmae.util.io import atomic_write_text, write_json, write_tsv
 
@@ -48,15 +49,19 @@ def wilson_interval(accuracy: float, n: int) -> tuple[float, float]:
 
 def attack_metrics(rows: list[Row]) -> dict:
     """{classifier: {sigma-S: {"mean": {column: accuracy}, "worst_draw": {...}, "worst_attack": a,
-    "denoising_mse": m}}}; columns that do not apply left out. worst_attack: the lowest mean accuracy over the
-    attacks at the configured eps (not clean, not the eps sweep)."""
+    "autoattack": {version: accuracy}, "denoising_mse": m}}}; columns that do not apply or were not run left out.
+    worst_attack: the lowest mean accuracy over the attacks at the configured eps run on every example (not
+    clean, not the eps sweep, not AutoAttack, which sees only the first few)."""
     out: dict[str, dict] = {}
     for r in rows:
         mean = {k: v for k, v in r.accuracy.items() if v is not None}
         out.setdefault(r.classifier, {})[f"sigma-{r.sigma:g}"] = {
             "mean": mean,
-            "worst_attack": min(v for k, v in mean.items() if k != "clean" and not k.startswith(SWEEP)),
+            "worst_attack": min(v for k, v in mean.items()
+                                if k != "clean" and not k.startswith((SWEEP, AUTOATTACK))),
             "worst_draw": {k: v for k, v in r.worst.items() if v is not None},
+            **({"autoattack": aa} if (aa := {k.removeprefix(AUTOATTACK): v for k, v in mean.items()
+                                             if k.startswith(AUTOATTACK)}) else {}),
             **({"denoising_mse": r.mse} if r.mse is not None else {})}
     return out
 
@@ -116,16 +121,19 @@ def tradeoff_table(rows: list[Row], cfg: AttackSettings) -> tuple[list[dict], li
 
 def tradeoff_figure(rows: list[Row], cfg: AttackSettings, stem: Path) -> list[Path]:
     """Accuracy (%) against test sigma, one panel per threat model; undefended classifiers as dashed lines."""
-    panels = [c for c in PLOTTED if c in columns(cfg)]
+    panels = [c for c in PLOTTED if c in columns(cfg)
+              and all(any(r.accuracy[c] is not None for r in rows if r.classifier == name) for name in
+                      {r.classifier for r in rows})]  # a panel only when every classifier has a point in it
     names = labels(cfg)
     defended = sorted({r.classifier for r in rows if r.defended})
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), sharey=True, squeeze=False)
     for ax, column in zip(axes[0], panels):
         for i, name in enumerate(defended):
-            points = sorted((r.sigma * 255, 100 * r.accuracy[column]) for r in rows if r.classifier == name)
+            points = sorted((r.sigma * 255, 100 * r.accuracy[column]) for r in rows
+                            if r.classifier == name and r.accuracy[column] is not None)  # AutoAttack: its sigmas
             ax.plot(*zip(*points), color=f"C{i}", marker="o", ms=3, lw=1.5, label=name)
         for r in rows:
-            if not r.defended:
+            if not r.defended and r.accuracy[column] is not None:
                 ax.axhline(100 * r.accuracy[column], color="grey", ls="--", lw=1.2, label=r.classifier)
         ax.set(title=names[column], xlabel="test σ (×1/255)", ylim=(0, 100))
         ax.grid(alpha=0.3)
@@ -135,12 +143,83 @@ def tradeoff_figure(rows: list[Row], cfg: AttackSettings, stem: Path) -> list[Pa
     return save_figure(fig, stem)
 
 
-def section(rows: list[Row], cfg: AttackSettings, dataset: str, examples: int, figures: list[str]) -> list[Block]:
+# The NIM paper's evaluation protocol (You et al. 2023; its result tables are not part of this project)
+NIM_PAPER = {
+    "data": "ImageNet validation, 224×224",
+    "model": "ViT-B/16 (768 wide, 12 blocks), decoder 512×8",
+    "NIM denoiser": "800 epochs, σ ~ Gamma(25, 3)/255 per image, no masking, per-patch normalized targets",
+    "classifier": "100 epochs on denoised images, σ ~ U(0, 30/255)",
+    "ℓ∞ budget ε": "4/255",
+    "attacks": "FGSM; PGD 10 steps of 2/255, random start (one noise draw per step); gray-box; "
+               "AutoAttack standard (with Square, 5,000 queries) and rand (EOT-20)",
+    "test σ": "0 to 300/255 by 5 (none, 70/255, 140/255 typical)",
+    "examples": "50,000 (AutoAttack: 5,000)",
+    "evaluation": "one noise draw per example",
+}
+
+
+def _noise(noise: NoiseSettings) -> str:
+    unit = "/255" if noise.per255 else ""
+    return {"none": "no noise", "fixed": f"σ = {noise.sigma:g}{unit}",
+            "uniform": f"σ ~ U({noise.low:g}, {noise.high:g}){unit} per image",
+            "gamma": f"σ ~ Gamma({noise.shape:g}, {noise.scale:g}){unit} per image"}[noise.dist]
+
+
+def this_run(params: Params, examples: int) -> dict[str, str]:
+    """This run's values of the NIM_PAPER rows."""
+    cfg, arch = params.attack, ARCHITECTURES[params.model.preset]
+    nim = params.denoiser_settings("nim") if "nim" in params.defense.denoisers else None
+    aa = cfg.autoattack
+    return {
+        "data": f"{params.data.dataset} test split, {params.data.image_size}×{params.data.image_size}",
+        "model": f"ViT {params.model.preset}/{params.model.patch_size} ({arch.embed_dim} wide, {arch.depth} blocks), "
+                 f"decoder {arch.decoder_embed_dim}×{arch.decoder_depth}",
+        "NIM denoiser": (f"{nim.epochs} epochs, {_noise(nim.noise)}, mask ratio {nim.mask_ratio:g}, "
+                         f"{'per-patch normalized' if nim.norm_pix_loss else 'pixel'} targets") if nim else "—",
+        "classifier": f"{params.defense_finetune().epochs} epochs on denoised images, "
+                      f"σ ~ U(0, {sigma_label(params.defense.train_sigma_max)})",
+        "ℓ∞ budget ε": sigma_label(cfg.eps),
+        "attacks": f"FGSM; PGD {cfg.pgd.steps} steps of {sigma_label(cfg.pgd.step_size)}"
+                   f"{', random start' if cfg.pgd.random_start else ''}, also with EOT-{cfg.eot} and BPDA; gray-box; "
+                   f"Square ({cfg.square.queries} queries); "
+                   + (f"AutoAttack {' and '.join(aa.versions)}" if aa.versions and aa.test_sigmas else "no AutoAttack"),
+        "test σ": ", ".join(map(sigma_label, cfg.test_sigmas)),
+        "examples": f"{examples}" + (f" (AutoAttack: {column_examples(cfg, AUTOATTACK, examples)})"
+                                     if aa.versions and aa.test_sigmas else ""),
+        "evaluation": f"mean and worst of {cfg.draws} noise draws per example",
+    }
+
+
+def paper_comparison(params: Params, examples: int) -> list[Block]:
+    """This run's protocol beside the NIM paper's, and what the run can and cannot show."""
+    ours = this_run(params, examples)
+    low, high = wilson_interval(0.5, examples)
+    if params.data.dataset == "imagenet":
+        verdict = ("Same data as the paper: where a row differs, so may the numbers. The paper's result tables are "
+                   "not included in this project, so the report shows no published numbers to compare with.")
+    else:
+        verdict = (f"The NIM paper evaluates ImageNet only: this run's numbers are not comparable to its tables. "
+                   f"What it can show: that every attack runs through the whole chain and behaves as the sanity "
+                   f"checks below require, how clean and robust accuracy move with the test σ for these models, and "
+                   f"differences between chains larger than their intervals (at {examples} examples a 50 % accuracy "
+                   f"has a 95 % interval of {100 * low:.0f}–{100 * high:.0f} %). What it cannot show: the paper's "
+                   f"accuracies, or that its ranking of the denoisers holds at its scale (a small ViT on small "
+                   f"images, trained for minutes, at a larger ε than the paper's).")
+    return [Heading("Against the NIM paper's protocol", 3),
+            Table(["", "this run", "NIM paper"], [[k, ours[k], v] for k, v in NIM_PAPER.items()], numeric=False),
+            Paragraph(verdict)]
+
+
+def section(rows: list[Row], params: Params, examples: int, figures: list[str]) -> list[Block]:
     """The section the report includes: protocol, the robust accuracy table, the figures (paths relative)."""
+    cfg, dataset = params.attack, params.data.dataset
     names = labels(cfg)
     cols = columns(cfg)
-    p = cfg.pgd
-    autoattack = f"AutoAttack {' and '.join(cfg.autoattack)}" if cfg.autoattack else "AutoAttack not run"
+    p, aa = cfg.pgd, cfg.autoattack
+    autoattack = (f"AutoAttack {' and '.join(aa.versions)} (pyautoattack) on the first "
+                  f"{column_examples(cfg, AUTOATTACK, examples)} examples at test σ "
+                  f"{', '.join(map(sigma_label, aa.test_sigmas))} (— elsewhere)"
+                  if aa.versions and aa.test_sigmas else "AutoAttack not run")
     return [
         Heading("Adversarial robustness: NIM / De³ (denoise, then classify)"),
         Paragraph(
@@ -154,16 +233,17 @@ def section(rows: list[Row], cfg: AttackSettings, dataset: str, examples: int, f
             "White-box attacks differentiate through noise, denoiser and classifier; gray-box attacks are "
             "crafted on the classifier alone and evaluated through the defense; Square only queries the "
             f"defense's outputs. Every entry is the accuracy (%) averaged over {cfg.draws} noise draws of the "
-            f"defense per example, with its 95 % Wilson interval over the {examples} examples in brackets; the "
+            f"defense per example, with its 95 % Wilson interval over the examples in brackets; the "
             f"second table gives the accuracy of the worst of the {cfg.draws} draws. Without noise (σ = none) a "
             f"model is deterministic (one draw): EOT and gray-box equal the white-box attacks, and AutoAttack "
             f"rand does not apply (—)."),
         *([Paragraph(
             "AutoAttack keeps a perturbation only for points that one forward pass shows misclassified and returns "
             "the clean image for the others: against a randomized defense its accuracy is an upper bound, and the "
-            "EOT columns are the ones to trust.")] if cfg.autoattack else []),
+            "EOT columns are the ones to trust.")] if aa.versions and aa.test_sigmas else []),
         Table(["classifier", "test σ", *(names[c] for c in cols)],
-              [[r.classifier, sigma_label(r.sigma), *(_cell(r.accuracy[c], examples) for c in cols)] for r in rows]),
+              [[r.classifier, sigma_label(r.sigma),
+                *(_cell(r.accuracy[c], column_examples(cfg, c, examples)) for c in cols)] for r in rows]),
         Paragraph(f"Accuracy (%) of the worst of {cfg.draws} noise draws, and the denoiser's mean squared error "
                   f"on the clean images (noised at the test σ, then denoised; per pixel, ×1000): a denoiser that "
                   f"does not restore the images explains a chain's low clean accuracy whatever its classifier."),
@@ -171,6 +251,7 @@ def section(rows: list[Row], cfg: AttackSettings, dataset: str, examples: int, f
               [[r.classifier, sigma_label(r.sigma),
                 *("—" if r.worst[c] is None else f"{100 * r.worst[c]:.1f}" for c in cols),
                 "—" if r.mse is None else f"{1000 * r.mse:.1f}"] for r in rows]),
+        *paper_comparison(params, examples),
         Heading("Attack sanity checks", 3),
         Paragraph("Signs that an attack works as intended on these defenses, and not against masked gradients: "
                   "accuracy falls with ε and vanishes for a large one, the white-box attacks are at least as strong "
@@ -184,16 +265,17 @@ def section(rows: list[Row], cfg: AttackSettings, dataset: str, examples: int, f
     ]
 
 
-def write_attack_outputs(rows: list[Row], shown: dict[str, torch.Tensor], cfg: AttackSettings, dataset: str,
-                         examples: int, out: Path) -> None:
+def write_attack_outputs(rows: list[Row], shown: dict[str, torch.Tensor], params: Params, examples: int,
+                         out: Path) -> None:
     """OUT/metrics.json (DVC metrics), tradeoff.tsv (a DVC plot), tradeoff.png|svg, adversarial.png|svg, and the
     report's section as attack.md and attack.json (document blocks, read by `dmae report`)."""
+    cfg = params.attack
     write_json(out / "metrics.json", attack_metrics(rows))
     table, cols = tradeoff_table(rows, cfg)
     write_tsv(out / "tradeoff.tsv", table, cols)
     tradeoff_figure(rows, cfg, out / "tradeoff")
     image_grid(shown, out / "adversarial",
                title=f"{cfg.figure}: white-box PGD-EOT examples (ε = {sigma_label(cfg.eps)}), noised, denoised")
-    blocks = section(rows, cfg, dataset, examples, ["tradeoff.png", "adversarial.png"])
+    blocks = section(rows, params, examples, ["tradeoff.png", "adversarial.png"])
     atomic_write_text(out / "attack.md", to_markdown(blocks))
     write_json(out / "attack.json", to_json(blocks))

@@ -324,7 +324,8 @@ def build_report(*, dataset: str, radii: list[float], certifications: dict[float
 def headline_metrics(certification: dict, attack_results: Path | None) -> dict:
     """The few numbers `dvc exp show` compares (DVC metrics): certified accuracy at each report radius at the best
     sigma, the best ACR and, from the attack stage, each classifier's worst-case robust accuracy (the lowest over
-    its attacks, mean over noise draws) at its best test sigma."""
+    its attacks, mean over noise draws) at its best test sigma and its AutoAttack accuracy wherever it ran
+    ({classifier: {sigma-S: {version: accuracy}}})."""
     out = {"certified_accuracy": certification["certified_accuracy"], "acr": certification["acr"]}
     if attack_results:
         path = attack_results / "metrics.json"
@@ -336,4 +337,9 @@ def headline_metrics(certification: dict, attack_results: Path | None) -> dict:
             raise UserError(f"{path}: not valid JSON: {exc}") from None
         out["robust_accuracy"] = {name: max(columns["worst_attack"] for columns in by_sigma.values())
                                   for name, by_sigma in rows.items()}
+        autoattack = {name: {sigma: columns["autoattack"] for sigma, columns in by_sigma.items()
+                             if columns.get("autoattack")}
+                      for name, by_sigma in rows.items()}
+        if any(autoattack.values()):
+            out["autoattack"] = {name: by_sigma for name, by_sigma in autoattack.items() if by_sigma}
     return out
