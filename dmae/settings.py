@@ -275,10 +275,12 @@ class SquareSettings(Section):
 
 
 class AutoAttackSettings(Section):
-    """AutoAttack (pyautoattack) on the first `examples` attack examples, at the test sigmas in `test_sigmas`."""
+    """AutoAttack (pyautoattack) on the first `examples` attack examples, for the classifiers in `classifiers` at
+    the test sigmas in `test_sigmas` (a classifier without a denoiser has the one row at sigma 0)."""
 
     versions: list[Literal["standard", "rand"]]
     examples: Count
+    classifiers: list[Name]  # keys of defense.classifiers
     test_sigmas: list[Annotated[float, Number, Field(ge=0, le=10)]]  # a subset of attack.test_sigmas
 
 
@@ -301,7 +303,8 @@ class AttackSettings(Section):
     @model_validator(mode="after")
     def _check(self) -> "AttackSettings":
         lists = {"test_sigmas": self.test_sigmas, "eps_sweep": self.eps_sweep,
-                 "autoattack.versions": self.autoattack.versions, "autoattack.test_sigmas": self.autoattack.test_sigmas}
+                 "autoattack.versions": self.autoattack.versions, "autoattack.test_sigmas": self.autoattack.test_sigmas,
+                 "autoattack.classifiers": self.autoattack.classifiers}
         for key, values in lists.items():
             if len(set(values)) != len(values):
                 raise ValueError(f"{key} has duplicates: {values}")
@@ -314,9 +317,9 @@ class AttackSettings(Section):
                              f"{self.examples}")
         return self
 
-    def autoattack_columns(self, sigma: float) -> list[str]:
-        """The AutoAttack columns run at test sigma `sigma` ('rand' needs noise: not at 0)."""
-        if sigma not in self.autoattack.test_sigmas:
+    def autoattack_columns(self, classifier: str, sigma: float) -> list[str]:
+        """The AutoAttack columns run for `classifier` at test sigma `sigma` ('rand' needs noise: not at 0)."""
+        if classifier not in self.autoattack.classifiers or sigma not in self.autoattack.test_sigmas:
             return []
         return [f"autoattack_{v}" for v in self.autoattack.versions if v == "standard" or sigma > 0]
 
@@ -410,6 +413,9 @@ class Params(Section):
             if spec.classifier != PER_SIGMA and spec.classifier not in d.classifiers:
                 raise ValueError(f"denoised_smoothing.chains.{name}.classifier = {spec.classifier!r}: not "
                                  f"{PER_SIGMA} or a key of defense.classifiers ({', '.join(d.classifiers)})")
+        if unknown := [c for c in self.attack.autoattack.classifiers if c not in d.classifiers]:
+            raise ValueError(f"attack.autoattack.classifiers {unknown}: not keys of defense.classifiers "
+                             f"({', '.join(d.classifiers)})")
         figure = d.classifiers.get(self.attack.figure)
         if figure is None or figure.denoiser is None:
             raise ValueError(f"attack.figure = {self.attack.figure!r}: not a classifier of defense.classifiers "

@@ -21,7 +21,7 @@ def settings(section: str, **changes):
     return merged(getattr(load_params(REPO / "params.yaml"), section), changes, section)
 
 
-NO_AUTOATTACK = {"versions": [], "examples": 1, "test_sigmas": []}  # attack.autoattack off
+NO_AUTOATTACK = {"versions": [], "examples": 1, "classifiers": [], "test_sigmas": []}  # attack.autoattack off
 
 # Tiny settings for the stage tests (merged into params.yaml): a few seconds per stage on 2 CPU cores.
 TINY = {

@@ -120,8 +120,8 @@ def test_evaluate_is_deterministic_and_copies_what_is_equal_without_noise(parts)
 
 
 def test_autoattack_runs_on_the_first_examples_at_its_test_sigmas_only(parts, monkeypatch):
-    """AutoAttack sees the first autoattack.examples examples (accuracy over those), only at its test sigmas, and
-    'rand' never without noise. The attack itself is replaced by one that breaks every other example."""
+    """AutoAttack sees the first autoattack.examples examples (accuracy over those), only for its classifiers at
+    its test sigmas, and 'rand' never without noise. The attack is replaced by one that breaks every other example."""
     denoiser, classifier, x, y = parts
     seen = []
 
@@ -134,17 +134,24 @@ def test_autoattack_runs_on_the_first_examples_at_its_test_sigmas_only(parts, mo
                         lambda model, x_adv, yb: float((x_adv.flatten(1).amax(1) <= 1).float().mean()))
     cfg = settings("attack", examples=4, batch_size=2, test_sigmas=[0.0, 0.25, 0.5], eot=1, draws=2,
                    pgd={"steps": 1}, square={"queries": 2}, eps_sweep=[],
-                   autoattack={"versions": ["standard", "rand"], "examples": 3, "test_sigmas": [0.0, 0.25]})
+                   autoattack={"versions": ["standard", "rand"], "examples": 3, "classifiers": ["c"],
+                               "test_sigmas": [0.0, 0.25]})
     x = x.clamp(0.1, 0.4)  # moved examples exceed 1
-    none = evaluate_defense(Defense(denoiser, classifier, 0.0), x, y, cfg, key=("c", 0.0))
+
+    def evaluate(name, sigma):
+        return evaluate_defense(Defense(denoiser, classifier, sigma), x, y, cfg, key=(name, sigma),
+                                autoattack=tuple(cfg.autoattack_columns(name, sigma)))
+
+    assert evaluate("other", 0.0).accuracy["autoattack_standard"] is None and seen == []
+    none = evaluate("c", 0.0)
     assert seen == [("standard", 2), ("standard", 1)]  # 3 examples in batches of 2
     assert none.accuracy["autoattack_standard"] == pytest.approx(2 / 3) and none.accuracy["autoattack_rand"] is None
     seen.clear()
-    low = evaluate_defense(Defense(denoiser, classifier, 0.25), x, y, cfg, key=("c", 0.25))
+    low = evaluate("c", 0.25)
     assert seen == [("standard", 2), ("standard", 1), ("rand", 2), ("rand", 1)]
     assert low.accuracy["autoattack_rand"] == low.worst["autoattack_rand"] == pytest.approx(2 / 3)
     seen.clear()
-    high = evaluate_defense(Defense(denoiser, classifier, 0.5), x, y, cfg, key=("c", 0.5))
+    high = evaluate("c", 0.5)
     assert seen == [] and high.accuracy["autoattack_standard"] is None and high.accuracy["autoattack_rand"] is None
 
 
@@ -157,6 +164,7 @@ def test_autoattack_runs_on_the_first_examples_at_its_test_sigmas_only(parts, mo
     ({"attack": {"autoattack": {"examples": 65}}}, "autoattack.examples = 65 is more than examples = 64"),
     ({"attack": {"autoattack": {"versions": ["rand", "rand"]}}}, "autoattack.versions has duplicates"),
     ({"attack": {"autoattack": ["standard"]}}, "attack.autoattack"),
+    ({"attack": {"autoattack": {"classifiers": ["vit"]}}}, "attack.autoattack.classifiers ['vit']: not keys of"),
     ({"attack": {"test_sigmas": [0.0, -0.1]}}, "attack.test_sigmas.1 = -0.1"),
     ({"attack": {"figure": "undefended"}}, "attack.figure = 'undefended'"),
     ({"attack": {"queries": 5}}, "attack.queries: unknown key"),

@@ -24,7 +24,7 @@ REDUCED = {
     "pretrain": {"epochs": 2, "batch_size": 64, "warmup_epochs": 1},
     "finetune": {"epochs": 1, "batch_size": 64, "warmup_epochs": 0},
     "attack": {"examples": 4, "batch_size": 4, "test_sigmas": [0.0, 0.25], "eot": 1,
-               "autoattack": {"versions": ["standard"], "examples": 2, "test_sigmas": [0.0]},
+               "autoattack": {"versions": ["standard"], "examples": 2, "classifiers": ["dmae"], "test_sigmas": [0.0]},
                "pgd": {"steps": 1}, "square": {"queries": 3}, "figure": "dmae"},
 }
 

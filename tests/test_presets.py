@@ -136,7 +136,8 @@ def test_nim_preset_is_the_released_dmae_b_plus_the_full_de3_comparison():
     assert set(nim["denoised_smoothing"]["chains"]) == {"off_the_shelf", "fine_tuned"}  # its undefended classifier
     del nim["defense"], released["defense"]
     del nim["denoised_smoothing"]["chains"], released["denoised_smoothing"]["chains"]
-    assert nim == {**released, "attack": {**released["attack"], "figure": "nim"}}
+    autoattack = {**released["attack"]["autoattack"], "classifiers": ["undefended", "nim", "mae", "dmae"]}
+    assert nim == {**released, "attack": {**released["attack"], "figure": "nim", "autoattack": autoattack}}
 
 
 def test_dmae_presets_add_no_extra_pretraining():

@@ -198,7 +198,8 @@ def test_autoattack_cells_take_their_interval_over_the_autoattack_examples():
                                ["t.png", "a.png"]))
     # 0.5 over 64 examples: 38-62 (the other columns); over 16: centre 0.5,
     # half-width 1.96 sqrt(1/64 + 1.96^2/1024) / 1.2401 = 0.2200 -> 28-72
-    assert "50.0 (38–62)" in text and "50.0 (28–72)" in text and "on the first 16 examples at test σ none" in text
+    assert "50.0 (38–62)" in text and "50.0 (28–72)" in text
+    assert "on the first 16 examples, for undefended, nim at test σ none" in text
 
 
 def test_wilson_interval_against_hand_computed_values():
@@ -247,7 +248,7 @@ def test_paper_comparison_says_what_the_run_can_show():
 
     digits = to_markdown(paper_comparison(attack_params(), 64))
     assert "not comparable to its tables" in digits and "38–62 %" in digits  # Wilson at 0.5 over 64
-    assert "| examples | 64 (AutoAttack: 32) | 50,000 (AutoAttack: 5,000) |" in digits
+    assert "| examples | 64 (AutoAttack: 16) | 50,000 (AutoAttack: 5,000) |" in digits
     preset = parse_params(yaml.safe_load((REPO / "presets/imagenet-nim-vit-b.yaml").read_text()))
     imagenet = to_markdown(paper_comparison(preset, 1000))
     assert "Same data as the paper" in imagenet and "| ℓ∞ budget ε | 4/255 | 4/255 |" in imagenet

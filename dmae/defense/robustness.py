@@ -9,7 +9,7 @@ For a defense D(x) = classifier(denoise(x + noise)) at test-time noise level sig
   ever passes through the denoiser;
 - black-box (`square`): Square, which only queries the defense's logits;
 - AutoAttack 'standard' and 'rand' (APGD with EOT over 20 draws, for randomized models) through the chain, on
-  the first `autoattack.examples` examples at the test sigmas of `autoattack.test_sigmas` (None elsewhere);
+  the first `autoattack.examples` examples, for the classifiers and test sigmas of `autoattack` (None elsewhere);
 - the eps sweep (`sweep_pgd_<eps>`): white-box PGD at each eps of `eps_sweep` (steps scaled to reach the ball's
   edge), for the sanity check that accuracy falls with eps and vanishes at a large one.
 Every column is evaluated over `draws` noise draws of the defense on the attacked examples (`clean`: on the clean
@@ -100,8 +100,10 @@ class Evaluation:
 
 
 def evaluate_defense(defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: AttackSettings, key: tuple, keep: int = 0,
-             on_column: Callable[[str, float, float], None] | None = None) -> Evaluation:
-    """Every column of `columns(cfg)` for `defense` on (x, y), in batches of cfg.batch_size.
+                     on_column: Callable[[str, float, float], None] | None = None,
+                     autoattack: tuple[str, ...] = ()) -> Evaluation:
+    """Every column of `columns(cfg)` for `defense` on (x, y), in batches of cfg.batch_size; of the AutoAttack
+    columns only those in `autoattack` (the others None).
 
     `key` (e.g. classifier name and sigma) keys the seeds; `keep` > 0 returns that many examples of the SHOWN
     attack; `on_column(column, accuracy, seconds)` runs after each column that was run (seconds: crafting and
@@ -117,7 +119,7 @@ def evaluate_defense(defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: At
             accuracy[column] = accuracy[SAME_WHEN_DETERMINISTIC[column]]
             worst[column] = worst[SAME_WHEN_DETERMINISTIC[column]]
             continue
-        if column.startswith(AUTOATTACK) and column not in cfg.autoattack_columns(defense.sigma):
+        if column.startswith(AUTOATTACK) and column not in autoattack:
             accuracy[column] = worst[column] = None
             continue
         n = column_examples(cfg, column, len(x))
@@ -217,7 +219,8 @@ def evaluate_chains(chains: list[Chain], model_cfg: ModelConfig, num_classes: in
                 key = f"{chain.name}|{sigma!r}"
                 if key not in done:
                     result = evaluate_defense(defense, x, y, cfg, key=(chain.name, sigma), keep=keep,
-                                              on_column=logged)
+                                              on_column=logged,
+                                              autoattack=tuple(cfg.autoattack_columns(chain.name, sigma)))
                     done[key] = {"accuracy": result.accuracy, "worst": result.worst, "mse": result.mse,
                                  "shown": result.shown}
                     save_state(state_path, done)

@@ -182,10 +182,11 @@ def this_run(params: Params, examples: int) -> dict[str, str]:
         "attacks": f"FGSM; PGD {cfg.pgd.steps} steps of {sigma_label(cfg.pgd.step_size)}"
                    f"{', random start' if cfg.pgd.random_start else ''}, also with EOT-{cfg.eot} and BPDA; gray-box; "
                    f"Square ({cfg.square.queries} queries); "
-                   + (f"AutoAttack {' and '.join(aa.versions)}" if aa.versions and aa.test_sigmas else "no AutoAttack"),
+                   + (f"AutoAttack {' and '.join(aa.versions)} ({', '.join(aa.classifiers)})"
+                      if aa.versions and aa.test_sigmas and aa.classifiers else "no AutoAttack"),
         "test σ": ", ".join(map(sigma_label, cfg.test_sigmas)),
         "examples": f"{examples}" + (f" (AutoAttack: {column_examples(cfg, AUTOATTACK, examples)})"
-                                     if aa.versions and aa.test_sigmas else ""),
+                                     if aa.versions and aa.test_sigmas and aa.classifiers else ""),
         "evaluation": f"mean and worst of {cfg.draws} noise draws per example",
     }
 
@@ -217,9 +218,9 @@ def section(rows: list[Row], params: Params, examples: int, figures: list[str]) 
     cols = columns(cfg)
     p, aa = cfg.pgd, cfg.autoattack
     autoattack = (f"AutoAttack {' and '.join(aa.versions)} (pyautoattack) on the first "
-                  f"{column_examples(cfg, AUTOATTACK, examples)} examples at test σ "
+                  f"{column_examples(cfg, AUTOATTACK, examples)} examples, for {', '.join(aa.classifiers)} at test σ "
                   f"{', '.join(map(sigma_label, aa.test_sigmas))} (— elsewhere)"
-                  if aa.versions and aa.test_sigmas else "AutoAttack not run")
+                  if aa.versions and aa.test_sigmas and aa.classifiers else "AutoAttack not run")
     return [
         Heading("Adversarial robustness: NIM / De³ (denoise, then classify)"),
         Paragraph(
@@ -240,7 +241,7 @@ def section(rows: list[Row], params: Params, examples: int, figures: list[str]) 
         *([Paragraph(
             "AutoAttack keeps a perturbation only for points that one forward pass shows misclassified and returns "
             "the clean image for the others: against a randomized defense its accuracy is an upper bound, and the "
-            "EOT columns are the ones to trust.")] if aa.versions and aa.test_sigmas else []),
+            "EOT columns are the ones to trust.")] if aa.versions and aa.test_sigmas and aa.classifiers else []),
         Table(["classifier", "test σ", *(names[c] for c in cols)],
               [[r.classifier, sigma_label(r.sigma),
                 *(_cell(r.accuracy[c], column_examples(cfg, c, examples)) for c in cols)] for r in rows]),
