@@ -117,6 +117,7 @@ def test_chain_stages_and_report_on_tiny_settings(tiny_params, monkeypatch):
         "shown": {"input": "denoised", "encoder": "wide", "denoiser": "wide"}}
     params["defense"]["finetune"].update(epochs=1, warmup_epochs=0)
     params["attack"]["figure"] = "shown"
+    params["attack"]["autoattack"]["classifiers"] = ["undefended"]
     tiny_params.write_text(yaml.safe_dump(params))
 
     runner = CliRunner()
