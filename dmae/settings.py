@@ -203,7 +203,7 @@ class FinetuneSettings(Section):
 
 
 class CertifySettings(Section):
-    method: Literal["cohen", "adaptive"]  # CERTIFY with n samples, or adaptive CERTIFY with at most n_max
+    method: Literal["cohen", "mixture", "union"]  # CERTIFY with n samples, or adaptive with at most n_max
     n0: Count
     n: Count
     n_max: Count

@@ -1,8 +1,9 @@
 """`dmae bench` (certification and training throughput against the device's peak) and `dmae bench-methods`
-(CERTIFY against adaptive CERTIFY on the pipeline's classifiers); not pipeline stages."""
+(CERTIFY against adaptive certification on the pipeline's classifiers or a linear oracle); not pipeline stages."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -17,10 +18,12 @@ from dmae.smoothing import Smooth
 from dmae.util.errors import UserError
 from dmae.util.io import atomic_write_text, write_json
 from dmae.util.progress import say
+from dmae.util.state import content_hash
 from stages import paths
 from stages.common import PARAMS_OPTION, setup, user_errors
 from tools.bench import TARGETS, machine, rich_table, run_bench, write_report
-from tools.certify_bench import markdown, run_methods, simulate
+from tools.certify_bench import (ORACLE_SPREAD, live_check, load_records, markdown, oracle_records, record,
+                                  run_methods, save_records, simulated_records, summary)
 from tools.denoiser_error import denoising_mse
 
 
@@ -68,39 +71,87 @@ def main(
 @user_errors
 def methods(
     n: int = typer.Option(10_000, min=1, help="N of CERTIFY, and n_max of the adaptive methods."),
-    simulate_n: int = typer.Option(100_000, min=0, help="Also simulate both methods at this N from the measured "
+    simulate_n: int = typer.Option(100_000, min=0, help="Also simulate the methods at this N from the measured "
                                                         "pA of each image (0: no simulation)."),
-    images: int = typer.Option(None, min=1, help="Certify only the first IMAGES test images [default: all]."),
+    images: int = typer.Option(None, min=1, help="Certify only the first IMAGES test images [default: all; "
+                                                 "--oracle: 500]."),
+    live: int = typer.Option(10, min=0, help="Also certify the first LIVE images live with the mixture, all in "
+                                             "flight and one at a time: images/s, and the same results as the "
+                                             "replay (0: skip)."),
+    oracle: bool = typer.Option(False, "--oracle", help="Instead of the pipeline's classifiers, a binary linear "
+                                                        "classifier whose pA is known, at margins spread over the "
+                                                        "brackets (adds the Beta(1/2,1/2) mixture every 100)."),
     precision: str = typer.Option(None, help="fp32 or bf16 [default: params certify.precision]."),
+    records: Path = typer.Option(None, help="Folder to keep the recorded predictions in (sigma-S.npz), reused by a "
+                                            "later run with the same settings, model and data."),
     data: Path = typer.Option(paths.PREPARED, help="Prepared data set (its test split is certified)."),
     models: Path = typer.Option(paths.MODELS, help="Models folder: finetune/sigma-S/ for every params sigma."),
     out: Path = typer.Option(Path("bench-methods.md"), help="Markdown table; the results go beside it as .json."),
     params_path: Path = PARAMS_OPTION,
 ) -> None:
-    """CERTIFY against adaptive CERTIFY (and the naive, invalid variant) at the same N on the pipeline's
-    classifiers, every sigma of params: certified accuracy at the report radii, ACR, samples per image and wall
-    time, with the certify settings of params (N0, alpha, batch size, seed)."""
+    """CERTIFY against the adaptive methods (mixture, union, and the naive, invalid variant) at the same N, every
+    sigma of params: certified accuracy at the report radii, ACR, samples per image and what a fixed-N test that
+    knows pA would need, with the certify settings of params (N0, alpha, batch size, seed). The classifier runs
+    once per image (a CERTIFY run at N, timed) and every method is replayed on its predictions
+    (tools/certify_bench.py)."""
     params, runtime, device = setup(params_path)
     c, radii = params.certify, params.report.radii
-    meta = read_meta(data)
-    test = load_split(data, "test")
-    chosen = range(len(test) if images is None else min(images, len(test)))
-    xs, labels = [test[i][0] for i in chosen], [int(test[i][1]) for i in chosen]
-    results = []
+    precision = precision or c.precision
+    if oracle:
+        head = f"linear oracle, {images or 500} margins uniform over (0, {ORACLE_SPREAD:g} x {max(radii):g})"
+    else:
+        meta = read_meta(data)
+        test = load_split(data, "test")
+        chosen = range(len(test) if images is None else min(images, len(test)))
+        xs, labels = [test[i][0] for i in chosen], [int(test[i][1]) for i in chosen]
+        head = f"{len(xs)} test images, {precision}"
+    results, checks = [], []
     for sigma in sorted(params.sigmas):
-        classifier = load_classifier(paths.finetuned(sigma, models), meta["num_classes"],
-                                     params.model.config(meta)).to(device)
-        smooth = Smooth(classifier, meta["num_classes"], sigma, seed=c.seed, precision=precision or c.precision)
-        measured, counts = run_methods(smooth, xs, labels, n0=c.n0, n=n, alpha=c.alpha, radii=radii,
-                                       batch_size=c.batch_size)
-        results += measured
+        start = time.perf_counter()
+        if oracle:
+            kept, seconds = oracle_records(sigma, images or 500, radii, n0=c.n0, n=n, batch_size=c.batch_size,
+                                           seed=c.seed)[0], None
+        else:
+            folder = paths.finetuned(sigma, models)
+            classifier = load_classifier(folder, meta["num_classes"], params.model.config(meta)).to(device)
+            smooth = Smooth(classifier, meta["num_classes"], sigma, seed=c.seed, precision=precision)
+            about = {"sigma": sigma, "n0": c.n0, "n": n, "seed": c.seed, "precision": precision, "images": len(xs),
+                     "batch_size": c.batch_size, "device": device.type, "model": content_hash(folder),
+                     "data": content_hash(data)}
+            found = load_records(records / f"sigma-{sigma}.npz", about) if records else None
+            if found:
+                kept, seconds = found
+            else:
+                kept = record(smooth, xs, labels, n0=c.n0, n=n, batch_size=c.batch_size)
+                seconds = time.perf_counter() - start
+                if records:
+                    save_records(records / f"sigma-{sigma}.npz", kept, about, seconds)
+        replayed = run_methods(kept, sigma, n0=c.n0, n=n, alpha=c.alpha, radii=radii, oracle=oracle)
+        labels_of = [rec.label for rec in kept]
+        results += [summary(method, sigma, n, rows, labels_of, radii, c.alpha, seconds if method == "cohen" else None)
+                    for method, rows in replayed.items()]
+        if live and not oracle:
+            run = live_check(smooth, xs[:live], method="mixture", n0=c.n0, n=n, alpha=c.alpha, radii=radii,
+                             batch_size=c.batch_size)
+            checks.append({"sigma": sigma, "images": len(xs[:live]), "images_per_s": len(xs[:live]) / run["seconds"],
+                           "images_per_s_one_at_a_time": len(xs[:live]) / run["seconds_one_at_a_time"],
+                           "same": run["in_flight"] == run["one_by_one"],
+                           "same_as_replay": run["in_flight"] == replayed["mixture"][:live]})
         if simulate_n:
-            results += simulate(counts, sigma, n=simulate_n, alpha=c.alpha, radii=radii)
+            simulated = run_methods(simulated_records(kept, simulate_n), sigma, n0=c.n0, n=simulate_n,
+                                    alpha=c.alpha, radii=radii)
+            results += [summary(f"{method} (simulated)", sigma, simulate_n, rows, labels_of, radii, c.alpha)
+                        for method, rows in simulated.items() if not method.startswith("naive")]
         say(f"σ = {sigma:g} done")
-    table = (f"{len(xs)} test images, N0 = {c.n0}, alpha = {c.alpha:g}, batch {c.batch_size}, "
-             f"{precision or c.precision}, {machine(device)['cpu']}\n\n" + markdown(results, radii))
+    table = (f"{head}, N0 = {c.n0}, alpha = {c.alpha:g}, batch {c.batch_size}, {machine(device)['cpu']}\n\n"
+             + markdown(results, radii) + "".join(
+                 f"\nLive, σ = {k['sigma']:g}, {k['images']} images, mixture: {k['images_per_s']:.3g} images/s all in "
+                 f"flight, {k['images_per_s_one_at_a_time']:.3g} one at a time; same results both ways: "
+                 f"{'yes' if k['same'] else 'NO'}; same as the replay: {'yes' if k['same_as_replay'] else 'NO'}\n"
+                 for k in checks))
     atomic_write_text(out, table)
-    write_json(out.with_suffix(".json"), {"machine": machine(device), "results": [r.__dict__ for r in results]})
+    write_json(out.with_suffix(".json"), {"machine": machine(device), "results": [r.__dict__ for r in results],
+                                          "live": checks})
     say(table)
 
 

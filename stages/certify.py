@@ -1,4 +1,4 @@
-"""`dmae certify`: certify the l2 robustness of the smoothed classifier at one sigma (CERTIFY or adaptive CERTIFY)."""
+"""`dmae certify`: certify the l2 robustness of the smoothed classifier at one sigma (CERTIFY or adaptive)."""
 
 from __future__ import annotations
 
@@ -47,9 +47,9 @@ def main(
     """Certify every example of the test split with params `certify` (method, N0, N or n_max, alpha); resumes
     after an interruption.
 
-    Writes OUT with one row per example: idx label predict radius correct samples (predict -1 = abstain;
-    samples: estimation samples used), OUT's .settings.json, and seconds per example to results/timings/
-    (not a DVC output: times vary from run to run).
+    Writes OUT with one row per example: idx label predict radius correct samples votes (predict -1 = abstain;
+    samples: estimation samples used; votes: of them, those for the selected class), OUT's .settings.json, and
+    seconds per example to results/timings/ (not a DVC output: times vary from run to run).
     """
     params, runtime, device = setup(params_path)
     check_sigma(sigma, params.sigmas)

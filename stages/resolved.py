@@ -30,7 +30,7 @@ def finetune(params: Params, sigma: float) -> dict:
 
 
 def certify(params: Params, sigma: float) -> dict:
-    """CERTIFY uses n; adaptive CERTIFY n_max and the report's radii (its brackets) instead."""
+    """CERTIFY uses n; adaptive certification (mixture, union) n_max and the report's radii (its brackets)."""
     c = _dump(params.certify)
     if c["method"] == "cohen":
         del c["n_max"]

@@ -174,25 +174,46 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert "torchrun, 1 process" in out.with_suffix(".md").read_text()
 
 
-def test_bench_methods_cohen_rows_are_certify_and_adaptive_needs_fewer_samples():
-    """tools.certify_bench on a tiny untrained classifier: its CERTIFY column is Smooth.certify image by image
-    (same noise), the adaptive methods never exceed n_max, and the simulation covers both methods."""
-    from tools.certify_bench import markdown, run_methods, simulate
+def test_bench_methods_replays_equal_live_runs():
+    """tools.certify_bench on a tiny untrained classifier: every method replayed on the recorded predictions gives
+    what the engine gives live (CERTIFY image by image, the adaptive methods at another batch size and all in
+    flight, the naive method through run_jobs); the simulation draws the larger N it is asked for."""
+    from dmae.smoothing.engine import run_jobs, union_job
+    from tools.certify_bench import live_check, markdown, record, run_methods, simulated_records, summary
     torch.manual_seed(0)
-    cfg = ModelConfig("tiny", 16, 4, 1, (0.5,), (0.25,))
-    model = Classifier(cfg, 10).eval()
-    torch.nn.init.normal_(model.vit.head.weight, std=2.0)  # confident: the adaptive method can stop early
+    model = Classifier(ModelConfig("tiny", 16, 4, 1, (0.5,), (0.25,)), 10).eval()
+    torch.nn.init.normal_(model.vit.head.weight, std=2.0)  # confident: the adaptive methods can stop early
     smooth = Smooth(model, 10, 0.25, seed=0)
     xs = list(torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(1)))
-    labels, radii = [0, 1, 2, 3], [0.0, 0.25, 0.5]
-    results, counts = run_methods(smooth, xs, labels, n0=10, n=600, alpha=0.001, radii=radii, batch_size=128)
-    cohen, adaptive, naive = results
-    expected = [smooth.certify(x, 10, 600, 0.001, 128, index=i) for i, x in enumerate(xs)]
-    predicted = np.array([p for p, _ in expected])
-    assert cohen.certified == [float(np.mean((predicted == labels) & (np.array([r for _, r in expected]) >= t)))
-                               for t in radii]
-    assert cohen.mean_samples == 600 and adaptive.mean_samples <= 600 and naive.mean_samples <= adaptive.mean_samples
-    assert [c[1] for c in counts] == [p if p != -1 else c[1] for p, c in zip(predicted, counts)]
-    simulated = simulate(counts, 0.25, n=5000, alpha=0.001, radii=radii)
-    assert [r.method for r in simulated] == ["cohen (simulated)", "adaptive (simulated)"]
-    assert simulated[1].mean_samples <= 5000 and "| 0.25 | adaptive |" in markdown(results + simulated, radii)
+    labels, radii, args = [0, 1, 2, 3], [0.0, 0.25, 0.5], {"n0": 10, "alpha": 0.001}
+    records = record(smooth, xs, labels, n0=10, n=600, batch_size=128)
+    replayed = run_methods(records, 0.25, n=600, radii=radii, **args)
+    assert [r[:2] for r in replayed["cohen"]] == [smooth.certify(x, n=600, batch_size=128, index=i, **args)
+                                                  for i, x in enumerate(xs)]
+    assert [r[3] for r in replayed["cohen"]] == [int(np.sum(rec.estimation == np.argmax(rec.selection)))
+                                                 for rec in records]
+    for method in ("mixture", "union"):
+        assert replayed[method] == [smooth.certify_adaptive(x, n_max=600, batch_size=97, radii=radii, method=method,
+                                                            index=i, **args) for i, x in enumerate(xs)]
+    naive = dict(run_jobs(smooth.classify(64), 10, 0.25, 0, ((i, x, union_job(10, 600, 0.001, 0.25, radii, True))
+                                                              for i, x in enumerate(xs)), 64, smooth.device))
+    assert replayed["naive (not valid)"] == [naive[i] for i in range(len(xs))]
+    live = live_check(smooth, xs[:2], method="mixture", n=600, radii=radii, batch_size=50, **args)
+    assert live["in_flight"] == live["one_by_one"] == replayed["mixture"][:2]
+    rows = [summary(method, 0.25, 600, results, labels, radii, 0.001) for method, results in replayed.items()]
+    assert rows[0].mean_samples == 600 and max(rows[1].mean_samples, rows[2].mean_samples) < 600
+    simulated = simulated_records(records, 5000)
+    assert [len(rec.estimation) for rec in simulated] == [5000] * 4
+    assert max(r[2] for r in run_methods(simulated, 0.25, n=5000, radii=radii, **args)["mixture"]) <= 5000
+    assert "| 0.25 | mixture | 600 |" in markdown(rows, radii)
+
+
+def test_oracle_records_have_the_known_pa():
+    """The linear oracle's estimation samples vote the true class at rate Phi(m / sigma), within 5 standard errors."""
+    from scipy.stats import norm
+    from tools.certify_bench import oracle_records
+    records, margins = oracle_records(0.5, 6, [0.0, 0.5, 1.0], n0=10, n=4000, batch_size=1000)
+    assert np.all((0 < margins) & (margins < 1.25))
+    for rec, m in zip(records, margins):
+        p = norm.cdf(m / 0.5)
+        assert rec.label == 1 and abs(np.mean(rec.estimation == 1) - p) <= 5 * math.sqrt(p * (1 - p) / 4000) + 1e-3

@@ -89,6 +89,22 @@ def test_certify_examples_writes_sorted_rows(tmp_path):
     assert wrong.predict == 1 - wrong.label and wrong.radius > 0 and wrong.correct == 0
 
 
+@pytest.mark.parametrize("method", ["mixture", "union"])
+def test_adaptive_rows_are_the_adaptive_certificates(tmp_path, method):
+    data, radii = make_dataset(), [0.0, 0.1, 0.2]
+    args = ARGS | {"n": 2000, "method": method, "radii": radii}
+    rows = certify_examples(smooth(), data, INDICES, out_path=tmp_path / "adaptive.tsv", **args)
+    for row in rows:
+        certificate = smooth().certify_adaptive(data[row.idx][0], 16, 2000, 0.01, 50, radii=radii, method=method,
+                                                index=row.idx)
+        assert (row.predict, row.radius, row.samples, row.votes) == certificate
+    assert len({row.samples for row in rows}) > 1 and max(row.samples for row in rows) <= 2000
+    with pytest.raises(Interrupted):
+        certify_examples(smooth(), Counting(data, limit=2), INDICES, out_path=tmp_path / "cut.tsv", **args)
+    with pytest.raises(UserError, match="work file of a run with other parameters"):  # the radii are its settings
+        certify_examples(smooth(), data, INDICES, out_path=tmp_path / "cut.tsv", **(args | {"radii": [0.0]}))
+
+
 def test_shards_merge_to_the_single_run(tmp_path):
     data = make_dataset()
     certify_examples(smooth(), data, INDICES, out_path=tmp_path / "all.tsv", **ARGS)
@@ -135,19 +151,20 @@ def test_progress_bar_goes_to_stderr(tmp_path, capsys):
 
 
 def row(idx, label=1, predict=1, radius=0.25):
-    return CertifyRow(idx, label, predict, radius, int(predict == label), 500)
+    return CertifyRow(idx, label, predict, radius, int(predict == label), 500, 480)
 
 
 @pytest.mark.parametrize(
     "text, where",
     [
         ("", ":1: expected header"),
-        ("idx\tlabel\tpredict\tradius\tcorrect\n", ":1: expected header"),
-        (HEADER + "\n0\t1\t1\t0.25\t1\n", ":2: expected 6"),
-        (HEADER + "\n0\t1\t1\t0.25\t1\t500\n1\t1\tone\t0.25\t1\t500\n", ":3: malformed"),
-        (HEADER + "\n0\t1\t1\t0.25\t0\t500\n", ":2: inconsistent"),
-        (HEADER + "\n0\t1\t-1\t0.25\t0\t500\n", ":2: inconsistent"),
-        (HEADER + "\n3\t1\t1\t0.25\t1\t500\n3\t1\t1\t0.25\t1\t500\n", ":3: idx 3 after 3"),
+        ("idx\tlabel\tpredict\tradius\tcorrect\tsamples\n", ":1: expected header"),
+        (HEADER + "\n0\t1\t1\t0.25\t1\t500\n", ":2: expected 7"),
+        (HEADER + "\n0\t1\t1\t0.25\t1\t500\t480\n1\t1\tone\t0.25\t1\t500\t480\n", ":3: malformed"),
+        (HEADER + "\n0\t1\t1\t0.25\t0\t500\t480\n", ":2: inconsistent"),
+        (HEADER + "\n0\t1\t-1\t0.25\t0\t500\t480\n", ":2: inconsistent"),
+        (HEADER + "\n0\t1\t1\t0.25\t1\t500\t501\n", ":2: inconsistent"),  # more votes than samples
+        (HEADER + "\n3\t1\t1\t0.25\t1\t500\t480\n3\t1\t1\t0.25\t1\t500\t480\n", ":3: idx 3 after 3"),
     ],
 )
 def test_malformed_tsv_names_file_and_line(tmp_path, text, where):

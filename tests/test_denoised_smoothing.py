@@ -141,7 +141,7 @@ def test_chain_stages_and_report_on_tiny_settings(tiny_params, monkeypatch):
     for name in ("off_the_shelf", "fine_tuned"):
         invoke("certify-chain", "--sigma", "0.5", "--chain", name)
     rows = (tiny_params.parent / "results/chains/fine_tuned/sigma-0.5.tsv").read_text().splitlines()
-    assert rows[0] == "idx\tlabel\tpredict\tradius\tcorrect\tsamples"
+    assert rows[0] == "idx\tlabel\tpredict\tradius\tcorrect\tsamples\tvotes"
     tests = json.loads((tiny_params.parent / "data/prepared/meta.json").read_text())["splits"]["test"]
     assert [int(row.split()[0]) for row in rows[1:]] == list(range(len(range(0, tests, 3))))  # every 3rd
     settings = json.loads((tiny_params.parent / "models/chains/sigma-0.5/settings.json").read_text())

@@ -14,13 +14,15 @@ every count is deterministic (the counts measured are in docs/reliability.md).
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 from scipy.stats import beta, binom, norm
 
 from dmae.smoothing import ABSTAIN, ESTIMATION, PREDICTION, SELECTION
-from dmae.smoothing.engine import adaptive_job, run_jobs
+from dmae.smoothing.engine import mixture_job, run_jobs, union_job
 from tests.test_smoothing import CENTER, linear_smooth
 
 SIGMA, N0, N, BATCH = 0.25, 32, 300, 512
@@ -111,50 +113,53 @@ def test_predict_error_rate_at_most_alpha_on_linear_oracle(alpha, trials, precis
     assert answered >= trials // 50  # not vacuous: it does answer
 
 
-# -- adaptive CERTIFY: valid whatever the stopping time ------------------------------------------------------------
-N_MAX = 1000  # looks at 32, 64, 128, 256, 512 and 1000 estimation samples
+# -- adaptive certification: valid whatever the stopping time -----------------------------------------------------
+N_MAX = 1000  # union: looks at 32, 64, 128, 256, 512 and 1000 estimation samples; mixture: wherever a decision can
 RADII = [0.0, 0.1, 0.2, 0.3]  # bracket boundaries at pA = Phi(r / sigma)
 ADAPTIVE = [
-    pytest.param(0.1, 1500, id="alpha0.1-1500"),
-    pytest.param(0.05, 10_000, id="alpha0.05-10000", marks=pytest.mark.slow),
-    pytest.param(0.01, 10_000, id="alpha0.01-10000", marks=pytest.mark.slow),
+    pytest.param("mixture", 0.1, 1500, id="mixture-alpha0.1-1500"),
+    pytest.param("union", 0.1, 1500, id="union-alpha0.1-1500"),
+    pytest.param("mixture", 0.01, 10_000, id="mixture-alpha0.01-10000", marks=pytest.mark.slow),
+    pytest.param("mixture", 0.05, 10_000, id="mixture-alpha0.05-10000", marks=pytest.mark.slow),
+    pytest.param("union", 0.05, 10_000, id="union-alpha0.05-10000", marks=pytest.mark.slow),
+    pytest.param("union", 0.01, 10_000, id="union-alpha0.01-10000", marks=pytest.mark.slow),
 ]
+JOBS = {"mixture": mixture_job, "union": union_job, "naive": partial(union_job, naive=True)}
 
 
-def adaptive_false_certificates(alpha: float, margins: np.ndarray, naive: bool) -> tuple[int, int, float]:
-    """(false certificates, certificates, mean estimation samples) of adaptive CERTIFY on inputs at `margins`."""
+def adaptive_false_certificates(method: str, alpha: float, margins: np.ndarray) -> tuple[int, int, float]:
+    """(false certificates, certificates, mean estimation samples) of an adaptive method on inputs at `margins`."""
     smooth, w = linear_smooth(SIGMA)
-    jobs = ((i, CENTER + float(m) * w, adaptive_job(N0, N_MAX, alpha, SIGMA, RADII, naive))
-            for i, m in enumerate(margins))
+    jobs = ((i, CENTER + float(m) * w, JOBS[method](N0, N_MAX, alpha, SIGMA, RADII)) for i, m in enumerate(margins))
     results = dict(run_jobs(smooth.classify(BATCH), 2, SIGMA, smooth.seed, jobs, BATCH, smooth.device))
     false = certified = 0
-    for i, (predict, radius, _) in results.items():
+    for i, (predict, radius, _, _) in results.items():
         if predict != ABSTAIN:
             certified += 1
             false += predict != int(margins[i] > 0) or radius > abs(margins[i])
-    return false, certified, float(np.mean([samples for _, _, samples in results.values()]))
+    return false, certified, float(np.mean([samples for _, _, samples, _ in results.values()]))
 
 
-@pytest.mark.parametrize("alpha, trials", ADAPTIVE)
-def test_adaptive_false_certificate_rate_at_most_alpha_at_bracket_boundaries(alpha, trials):
+@pytest.mark.parametrize("method, alpha, trials", ADAPTIVE)
+def test_adaptive_false_certificate_rate_at_most_alpha_at_bracket_boundaries(method, alpha, trials):
     """Inputs whose true radius is exactly a bracket boundary, where stopping at the first look whose lower bound
-    clears the boundary is most tempting: the union bound keeps the rate within alpha; re-applying the
-    Clopper-Pearson bound at level alpha after every look (the naive method) does not."""
+    clears the boundary is most tempting: the method keeps the rate within alpha; re-applying the Clopper-Pearson
+    bound at level alpha after every look (the naive method, the negative control) does not."""
     margins = np.asarray(RADII[1:])[np.arange(trials) % (len(RADII) - 1)]
-    false, certified, _ = adaptive_false_certificates(alpha, margins, naive=False)
-    naive, _, _ = adaptive_false_certificates(alpha, margins, naive=True)
-    print(report("adaptive false certificates at boundaries", false, trials, alpha, "fp32"))
+    false, certified, _ = adaptive_false_certificates(method, alpha, margins)
+    naive, _, _ = adaptive_false_certificates("naive", alpha, margins)
+    print(report(f"{method} false certificates at boundaries", false, trials, alpha, "fp32"))
     print(report("naive repeated testing, false certificates", naive, trials, alpha, "fp32"))
-    assert false <= upper_bound(trials, alpha), report("adaptive false certificates", false, trials, alpha, "fp32")
+    assert false <= upper_bound(trials, alpha), report(f"{method} false certificates", false, trials, alpha, "fp32")
     assert naive > upper_bound(trials, alpha)  # naive repeated testing breaks the guarantee here
     assert certified >= trials // 2
 
 
-@pytest.mark.parametrize("alpha, trials", ADAPTIVE)
-def test_adaptive_false_certificate_rate_at_most_alpha_on_linear_oracle(alpha, trials):
+@pytest.mark.parametrize("method, alpha, trials", ADAPTIVE)
+def test_adaptive_false_certificate_rate_at_most_alpha_on_linear_oracle(method, alpha, trials):
     margins = np.random.default_rng(2).uniform(-0.5, 0.5, trials)
-    false, certified, samples = adaptive_false_certificates(alpha, margins, naive=False)
-    print(report("adaptive false certificates", false, trials, alpha, "fp32"), f"mean samples {samples:.0f}")
+    false, certified, samples = adaptive_false_certificates(method, alpha, margins)
+    print(report(f"{method} false certificates", false, trials, alpha, "fp32"), f"mean samples {samples:.0f}")
     assert false <= upper_bound(trials, alpha)
     assert certified >= trials // 2
     assert samples < N_MAX  # some inputs stop early (the savings are measured in docs/benchmarks.md)

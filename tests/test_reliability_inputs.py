@@ -433,7 +433,7 @@ MALFORMED_TSV = next(m.args[1] for m in _malformed_tsv_test.pytestmark if m.name
 
 @pytest.mark.parametrize("text, where", MALFORMED_TSV)
 def test_malformed_certification_file_refused_by_report(tiny_params, text, where):
-    rows = [CertifyRow(i, 1, 1, 0.25, 1, 500) for i in range(3)]
+    rows = [CertifyRow(i, 1, 1, 0.25, 1, 500, 480) for i in range(3)]
     write_certify_tsv("results/certify/sigma-0.5.tsv", rows)
     Path("results/certify/sigma-0.25.tsv").write_text(text)
     result = run_cli("report")

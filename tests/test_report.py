@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from scipy.stats import norm
 from typer.testing import CliRunner
 
 from dmae.defense.robustness import Row, columns
 from dmae.report.attack import attack_metrics, section
 from dmae.report.certified import Summary, certification_metrics, load_runs
 from dmae.report.document import Figure, Heading, Paragraph, Table, from_json, to_json, to_markdown
+from dmae.smoothing.bounds import fewest_samples
 from dmae.smoothing.certify import HEADER
 from dmae.settings import parse_params
 from dmae.util.errors import UserError
@@ -39,7 +41,7 @@ EXPECTED_BEST = [(4 / 6, 0.25), (3 / 6, 0.25), (2 / 6, 0.25), (2 / 6, 0.5), (1 /
 
 def write_tsv(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [HEADER] + ["\t".join(map(str, (*row, 500))) for row in rows]  # 500 samples
+    lines = [HEADER] + ["\t".join(map(str, (*row, 500, 490))) for row in rows]  # 500 samples, 490 votes
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -61,6 +63,15 @@ def test_certified_accuracy_acr_abstain_clean(summary):
     assert summary.runs[0.5].abstain_rate == pytest.approx(3 / 6)
     assert summary.runs[0.25].clean_accuracy == pytest.approx(4 / 6)
     assert summary.runs[0.5].clean_accuracy == pytest.approx(3 / 6)  # includes the radius-0 correct example
+
+
+def test_fixed_n_need_per_example(summary):
+    """The fewest samples a fixed-N test knowing pA = 490/500 needs for each example's bracket; 0 on abstain."""
+    need = summary.runs[0.25].fixed_n_samples(RADII, 0.001)
+    brackets = [0.5, 0.25, None, 0.75, 1.0, 0.0]  # the highest radius of RADII not above each radius
+    expected = [0 if r is None else fewest_samples(0.98, norm.cdf(r / 0.25), 0.001) or 500 for r in brackets]
+    assert list(need) == expected and expected[2] == 0 and expected[3] == expected[4] == 500  # 0.98 < Phi(3)
+    assert expected[5] == fewest_samples(0.98, 0.5, 0.001) < expected[1] < expected[0]
 
 
 def test_best_sigma_envelope(summary):
@@ -288,6 +299,7 @@ def test_stage_writes_a_self_contained_deterministic_report(tmp_path):
     assert len(tables) == 4 and tables[0][1:-2] == tables[1][1:-2] and tables[2][1:-2] == tables[3][1:-2]
     assert tables[0][-1] != tables[1][-1]  # but a chain runs two models per sample
     assert "| ours − DMAE ViT-B |  | -29.2 |" in md  # ours at r = 0.25 is 3/6 = 50.0 %, DMAE ViT-B 79.2 %
+    assert "fixed-N need (mean)" in md and "Mean / need says" in md  # from the certify settings' alpha and N
     assert str(tmp_path) not in md
 
     page = first["report.html"].decode()

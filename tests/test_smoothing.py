@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from scipy.stats import binomtest, norm
+from scipy.integrate import quad
+from scipy.special import betaln
+from scipy.stats import beta, binomtest, norm
 from torch import nn
 
 from dmae.smoothing import (
@@ -17,27 +19,14 @@ from dmae.smoothing import (
     predict_from_counts,
     radius_cap,
 )
-from dmae.smoothing.bounds import best_later, decided, look_alphas, looks, thresholds, upper_confidence_bound
+from dmae.smoothing.bounds import (CUT_ULPS, MixtureSequence, UnionOfLooks, brackets, fewest_samples, look_alphas,
+                                   looks)
 from dmae.util.errors import UserError
+from tools.certify_bench import LinearBinary
 
 SHAPE = (2, 2, 2)
 CENTER = torch.full(SHAPE, 0.5)
 PINNED_SEED = 16425303213512341852  # block_seed(0, 0.25, 3, SELECTION, 0)
-
-
-class LinearBinary(nn.Module):
-    """f(x) = [w.x + b > 0] as the logits (0, w.x + b)."""
-
-    def __init__(self, w: torch.Tensor, b: float):
-        super().__init__()
-        self.linear = nn.Linear(w.numel(), 1)
-        with torch.no_grad():
-            self.linear.weight.copy_(w.reshape(1, -1))
-            self.linear.bias.fill_(b)
-
-    def forward(self, x):
-        z = self.linear(x.flatten(1))
-        return torch.cat((torch.zeros_like(z), z), dim=1)
 
 
 class ThreeWay(nn.Module):
@@ -181,7 +170,7 @@ def test_bad_predict_args_and_inputs():
         Smooth(LinearBinary(torch.zeros(SHAPE), 1.0), 3, 0.25).certify(CENTER, 10, 10, 0.01, 10)
 
 
-# -- adaptive CERTIFY ----------------------------------------------------------------------------------------------
+# -- adaptive certification ----------------------------------------------------------------------------------------
 def test_looks_and_their_levels():
     assert looks(1000) == [32, 64, 128, 256, 512, 1000] and looks(20) == [20] and looks(64) == [32, 64]
     levels = look_alphas(6, 0.001)
@@ -189,52 +178,112 @@ def test_looks_and_their_levels():
     assert look_alphas(1, 0.01) == [0.01] and look_alphas(3, 0.01, naive=True) == [0.01] * 3
 
 
-def test_bounds_match_the_exact_binomial_interval():
-    for n_a, n in [(0, 10), (3, 10), (10, 10), (480, 500)]:
-        interval = binomtest(n_a, n).proportion_ci(0.98, method="exact")
-        assert lower_confidence_bound(n_a, n, 0.01) == pytest.approx(interval.low, abs=1e-9)
-        assert upper_confidence_bound(n_a, n, 0.01) == pytest.approx(interval.high, abs=1e-9)
+def test_brackets_raise_thresholds_past_rounding_and_drop_the_unreachable():
+    radii, cuts = brackets([0.5, 0.25, 0.25, 9.0], 0.5)  # 9.0 is 18 sigma: Phi rounds to 1
+    assert radii == [0.0, 0.25, 0.5]
+    for r, t in zip(radii, cuts):
+        exact = norm.cdf(r / 0.5)
+        assert t == exact + CUT_ULPS * np.spacing(exact)
 
 
-def test_decided_once_more_samples_cannot_raise_the_bracket():
-    cuts = thresholds([0.0, 0.25, 0.5], 0.5)  # pA 0.5, Phi(0.5), Phi(1)
-    assert list(cuts) == pytest.approx([0.5, norm.cdf(0.5), norm.cdf(1.0)])
-    assert decided(0.70, 0.80, 1.0, cuts)  # between Phi(0.5) = 0.69 and Phi(1) = 0.84
-    assert not decided(0.60, 0.80, 1.0, cuts)  # straddles Phi(0.5)
-    assert decided(0.10, 0.45, 1.0, cuts)  # cannot certify radius 0: abstain
-    assert decided(0.90, 1.00, 1.0, cuts)  # above every threshold
-    assert decided(0.70, 1.00, 0.80, cuts)  # no later look can reach Phi(1), whatever it draws
-    # 10 of 10 now; 100 samples at the last look: at best 0.001 ** (1/100) = 0.933
-    assert best_later(10, 10, [100], [0.001]) == pytest.approx(0.001 ** (1 / 100))
-    assert best_later(5, 10, [20, 40], [0.001, 0.001]) == pytest.approx(lower_confidence_bound(35, 40, 0.001))
-    assert best_later(10, 10, [], []) == 0.0
+def test_union_is_clopper_pearson_at_each_looks_level():
+    union = UnionOfLooks(1000, 0.001)  # looks 32, 64, 128, 256, 512, 1000
+    low = lower_confidence_bound(120, 128, union.alphas[2])
+    assert union.lower(120, 128) == low
+    assert union.certifies(120, 128, low) and not union.certifies(120, 128, low + 1e-9)
+    assert union.excludes(60, 128, 0.7) and not union.excludes(60, 128, 0.5)
+    best = max(lower_confidence_bound(m, m, a) for m, a in zip(union.at[1:], union.alphas[1:]))
+    assert union.reachable(32, 32, best) and not union.reachable(32, 32, best + 1e-9)
+    assert not union.reachable(1000, 1000, 0.5)  # no later look
+    assert union.next_look(0, 0, 0.5) == 32 and union.next_look(500, 512, 0.9) == 1000
 
 
-def test_certify_adaptive_stops_early_and_is_valid_against_cohen():
+def test_mixture_martingale_is_the_beta_binomial_mixture():
+    sequence = MixtureSequence(1000, 0.01, 3.5, 1.5, final_share=0.0)
+    for n_a, n, p in [(8, 10, 0.5), (30, 40, 0.6), (0, 5, 0.3), (40, 40, 0.9)]:
+        likelihood = quad(lambda q: (q / p) ** n_a * ((1 - q) / (1 - p)) ** (n - n_a) * beta.pdf(q, 3.5, 1.5), 0, 1)
+        assert sequence.log_value(n_a, n, p) == pytest.approx(np.log(likelihood[0]), rel=1e-8)
+
+
+def test_mixture_lower_end_is_where_the_martingale_reaches_one_over_alpha():
+    sequence = MixtureSequence(10_000, 0.001, 90.5, 10.5, final_share=0.25)  # the sequence at 0.75 alpha
+    for n_a, n in [(950, 1000), (1000, 1000), (55, 100)]:
+        low = sequence.lower(n_a, n)
+        assert sequence.rejects(n_a, n, low) and not sequence.rejects(n_a, n, low * (1 + 1e-9))
+        assert sequence.log_value(n_a, n, low) == pytest.approx(np.log(1 / 0.00075), abs=1e-6)
+    assert sequence.lower(0, 10) == 0.0
+    # every sample agreeing, the mixture is B(a + n, b) / B(a, b) / p^n: the prior's b is what it costs
+    assert sequence.log_value(1000, 1000, 0.99) == pytest.approx(
+        betaln(1090.5, 10.5) - betaln(90.5, 10.5) - 1000 * np.log(0.99), rel=1e-12)
+
+
+def test_mixture_spends_the_final_share_of_alpha_on_clopper_pearson_at_n_max():
+    sequence, t = MixtureSequence(10_000, 0.001, 100.5, 0.5, final_share=0.25), norm.cdf(3.0)
+    final = lower_confidence_bound(9_998, 10_000, 0.00025)
+    assert final >= t and sequence.lower(9_998, 10_000) == final  # the sequence's own bound is lower here
+    assert sequence.certifies(9_998, 10_000, t) and not sequence.certifies(9_997, 9_999, t)
+    assert sequence.reachable(9_000, 9_002, t) and not sequence.reachable(9_000, 9_003, t)
+
+
+def test_mixture_certifies_from_below_and_excludes_from_above():
+    sequence = MixtureSequence(10_000, 0.001, 0.5, 0.5)
+    assert sequence.certifies(990, 1000, 0.95) and not sequence.excludes(990, 1000, 0.95)
+    assert sequence.excludes(900, 1000, 0.95) and not sequence.certifies(900, 1000, 0.95)
+    assert not sequence.certifies(950, 1000, 0.95) and not sequence.excludes(950, 1000, 0.95)
+    assert sequence.reachable(900, 1000, 0.95)  # 9,900 of 10,000 if all agree from here
+    assert not sequence.reachable(100, 9000, 0.95)
+
+
+@pytest.mark.parametrize("n_a, n", [(0, 0), (200, 200), (191, 200), (1995, 2000), (2900, 2950)])
+def test_mixture_looks_where_a_decision_first_becomes_possible(n_a, n):
+    """Before the next look no outcome can change a decision: every further sample agreeing certifies nothing,
+    every one disagreeing neither excludes the threshold nor puts it out of reach; at the look one of them
+    does (or the look is n_max)."""
+    sequence, t = MixtureSequence(3000, 0.001, 95.5, 5.5), norm.cdf(2.0)
+    look = sequence.next_look(n_a, n, t)
+    for m in range(1, look - n):
+        assert not sequence.certifies(n_a + m, n + m, t)
+        assert not sequence.excludes(n_a, n + m, t) and sequence.reachable(n_a, n + m, t)
+    m = look - n
+    assert look == 3000 or sequence.certifies(n_a + m, look, t) or sequence.excludes(n_a, look, t) or not \
+        sequence.reachable(n_a, look, t)
+    assert n < look <= 3000
+
+
+def test_fewest_samples_of_a_fixed_n_test():
+    t = norm.cdf(3.0)
+    assert fewest_samples(1.0, t, 0.001) == int(np.ceil(np.log(1000) / -np.log(t)))  # every sample agreeing: 5,114
+    t, p = norm.cdf(1.0), 0.9
+    n = fewest_samples(p, t, 0.001)
+    assert beta.ppf(0.001, n * p, n * (1 - p) + 1) >= t > beta.ppf(0.001, (n - 1) * p, (n - 1) * (1 - p) + 1)
+    assert fewest_samples(0.8, 0.9, 0.001) is None
+
+
+@pytest.mark.parametrize("method", ["mixture", "union"])
+def test_certify_adaptive_stops_early_and_is_valid(method):
     sigma = 0.25
     smooth, w = linear_smooth(sigma)
-    far = smooth.certify_adaptive(CENTER + 0.5 * w, 32, 10_000, 0.001, 512, radii=[0.0, 0.25, 0.4])
-    assert far[0] == 1 and far[2] < 10_000  # decided long before n_max
-    assert far[1] >= 0.4  # the top bracket (pA >= Phi(1.6)) is certified
-    wrong_side = smooth.certify_adaptive(CENTER - 0.5 * w, 32, 10_000, 0.001, 512, radii=[0.0, 0.25])
+    far = smooth.certify_adaptive(CENTER + 0.5 * w, 32, 10_000, 0.001, 512, radii=[0.0, 0.25, 0.4], method=method)
+    assert far[0] == 1 and far[2] < 10_000 and 0 < far[3] <= far[2]  # decided long before n_max
+    assert 0.4 <= far[1] <= 0.5  # the top bracket (pA >= Phi(1.6)) is certified, and the radius is valid
+    wrong_side = smooth.certify_adaptive(CENTER - 0.5 * w, 32, 10_000, 0.001, 512, radii=[0.0, 0.25], method=method)
     assert wrong_side[0] == 0 and wrong_side[2] < 10_000
-    # never decided early (a bracket boundary at the true pA): all n_max samples, the counts of CERTIFY's N,
-    # at the final look's level (half of alpha), so never a larger radius than CERTIFY with N = n_max
-    x = CENTER + 0.25 * w
-    predict, radius, samples = smooth.certify_adaptive(x, 32, 2000, 0.001, 512, radii=[0.0, 0.25], index=3)
-    cohen = smooth.certify(x, 32, 2000, 0.001, 512, index=3)
-    assert samples == 2000 and predict == cohen[0] == 1 and radius <= cohen[1]
+    # a bracket boundary at the true pA: sampled long, and the radius stays below the true one
+    predict, radius, samples, _ = smooth.certify_adaptive(CENTER + 0.25 * w, 32, 2000, 0.001, 512,
+                                                          radii=[0.0, 0.25], method=method, index=3)
+    assert predict == 1 and radius < 0.25 and samples > 1000
 
 
-def test_certify_all_gives_the_same_results_for_any_batch_and_order():
+@pytest.mark.parametrize("method", ["mixture", "union"])
+def test_certify_all_gives_the_same_results_for_any_batch_and_order(method):
     smooth, w = linear_smooth(0.25)
     images = [(i, CENTER + m * w) for i, m in enumerate([0.4, -0.1, 0.05, 0.3, 0.0, -0.6])]
-    kwargs = {"n0": 32, "n": 3000, "alpha": 0.001, "method": "adaptive", "radii": [0.0, 0.1, 0.2]}
+    kwargs = {"n0": 32, "n": 3000, "alpha": 0.001, "method": method, "radii": [0.0, 0.1, 0.2]}
     one = sorted(smooth.certify_all(images, batch_size=512, **kwargs))
     assert one == sorted(smooth.certify_all(images[::-1], batch_size=97, **kwargs))
     assert one == sorted(smooth.certify_all(images, batch_size=4096, **kwargs))
     assert [r[1:] for r in one] == [smooth.certify_adaptive(x, 32, 3000, 0.001, 64, radii=[0.0, 0.1, 0.2],
-                                                            index=i) for i, x in images]
+                                                            method=method, index=i) for i, x in images]
     assert len({r[3] for r in one}) > 1  # images stop at different looks
 
 
@@ -242,5 +291,7 @@ def test_certify_adaptive_arguments():
     smooth, _ = linear_smooth()
     with pytest.raises(UserError, match="radii must be"):
         smooth.certify_adaptive(CENTER, 10, 100, 0.01, 10, radii=[])
-    with pytest.raises(UserError, match="method must be one of"):
+    with pytest.raises(UserError, match="method must be one of mixture, union for adaptive"):
+        smooth.certify_adaptive(CENTER, 10, 100, 0.01, 10, radii=[0.0], method="cohen")
+    with pytest.raises(UserError, match="method must be one of cohen, mixture, union, got 'fast'"):
         list(smooth.certify_all([(0, CENTER)], n0=10, n=100, alpha=0.01, batch_size=10, method="fast"))

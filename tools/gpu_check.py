@@ -3,7 +3,7 @@
 One script for a lent GPU (sized to stay under 8 minutes on one device; not yet run on one): the `dmae bench`
 cases at ViT-B/16 224 (certification in fp32 and bf16, eager and torch.compile with and without CUDA graphs,
 pretraining and fine-tuning steps, peak memory, FLOP/s against a matrix product timed in the same run), adaptive
-CERTIFY with several images in one forward batch against one image at a time, and a one-GPU torchrun of
+certification with several images in one forward batch against one image at a time, and a one-GPU torchrun of
 `dmae certify` on a small synthetic workspace. Writes OUT.md (the format of docs/benchmarks.md) and OUT.json.
 
     python -m tools.gpu_check --out gpu-check            # on the GPU machine
@@ -30,20 +30,17 @@ from dmae.settings import load_params
 from dmae.smoothing import Smooth
 from dmae.util.io import atomic_write_text, write_json
 from tools.bench import TARGETS, machine, markdown, run_bench
+from tools.certify_bench import live_check
 
 REPO = Path(__file__).resolve().parent.parent
 SIGMA = 0.25
 ALPHA = 0.001
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def adaptive_rows(preset: str, device: torch.device, quick: bool, radii) -> list[dict]:
-    """Adaptive CERTIFY (random weights; bf16 on CUDA) on a few images: all images in flight in one forward batch
-    (Smooth.certify_all) against one image at a time (Smooth.certify_adaptive); the certificates must agree."""
+    """Adaptive certification (the mixture; random weights; bf16 on CUDA) on a few images: all images in flight in
+    one forward batch (Smooth.certify_all) against one image at a time (Smooth.certify_adaptive); the certificates
+    must agree."""
     target = TARGETS[preset]
     images, n0, n_max, batch = (4, 10, 200, 50) if quick else (16, 64, 2000, 256)
     torch.manual_seed(0)
@@ -52,26 +49,16 @@ def adaptive_rows(preset: str, device: torch.device, quick: bool, radii) -> list
     gen = torch.Generator(device=device).manual_seed(3)
     xs = torch.rand(images, target.cfg.in_chans, target.cfg.img_size, target.cfg.img_size, generator=gen,
                     device=device)
-    args = {"n0": n0, "alpha": ALPHA, "batch_size": batch}
-    smooth.certify_adaptive(xs[0], n_max=n0, radii=radii, **args)  # warm-up
-
-    def timed(run):
-        _sync(device)
-        start = time.perf_counter()
-        out = run()
-        _sync(device)
-        return out, time.perf_counter() - start
-
-    in_flight, t_all = timed(lambda: {i: (p, r, s) for i, p, r, s in smooth.certify_all(
-        enumerate(xs), n=n_max, method="adaptive", radii=radii, **args)})
-    one_by_one, t_one = timed(lambda: {i: smooth.certify_adaptive(x, n_max=n_max, radii=radii, index=i, **args)
-                                       for i, x in enumerate(xs)})
-    samples = sum(s for _, _, s in in_flight.values()) + images * n0
-    same = in_flight == one_by_one
-    return [{"configuration": f"adaptive, {how}", "images": images, "n_max": n_max, "batch": batch,
+    args = {"method": "mixture", "n0": n0, "alpha": ALPHA, "radii": radii, "batch_size": batch}
+    smooth.certify_adaptive(xs[0], n_max=n0, **args)  # warm-up
+    run = live_check(smooth, list(xs), n=n_max, **args)
+    samples = sum(r[2] for r in run["in_flight"]) + images * n0
+    same = run["in_flight"] == run["one_by_one"]
+    return [{"configuration": f"mixture, {how}", "images": images, "n_max": n_max, "batch": batch,
              "seconds": round(t, 3), "images_per_s": images / t, "samples_per_s": samples / t,
              "mean_samples": samples / images - n0, "same_certificates": same}
-            for how, t in (("all images in flight", t_all), ("one image at a time", t_one))]
+            for how, t in (("all images in flight", run["seconds"]),
+                           ("one image at a time", run["seconds_one_at_a_time"]))]
 
 
 def torchrun_certify(device: torch.device, quick: bool) -> dict:
@@ -105,7 +92,7 @@ def torchrun_certify(device: torch.device, quick: bool) -> dict:
 
 
 def report_markdown(bench: dict, adaptive: list[dict], launch: dict) -> str:
-    lines = [markdown(bench), "", f"## adaptive CERTIFY, preset {bench['preset']} (random weights)", "",
+    lines = [markdown(bench), "", f"## adaptive certification (mixture), preset {bench['preset']} (random weights)", "",
              "| configuration | images | n_max | batch | seconds | images/s | samples/s | mean samples | "
              "same certificates |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     lines += [f"| {r['configuration']} | {r['images']} | {r['n_max']} | {r['batch']} | {r['seconds']} | "

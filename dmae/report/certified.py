@@ -7,6 +7,7 @@ tables report, at each radius, the best certified accuracy over sigma; `best_ove
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from dmae.smoothing.bounds import brackets, fewest_samples
 from dmae.smoothing.certify import CertifyRow, read_certify_tsv
 from dmae.util.errors import UserError
 
@@ -29,12 +31,14 @@ class Run:
     correct: np.ndarray  # bool
     abstain: np.ndarray  # bool
     samples: np.ndarray  # estimation samples used per example
+    votes: np.ndarray  # of them, those for the selected class: votes / samples estimates pA
 
     @classmethod
     def from_rows(cls, sigma: float, rows: Sequence[CertifyRow]) -> "Run":
         return cls(sigma, np.array([r.radius for r in rows], dtype=np.float64),
                    np.array([r.correct == 1 for r in rows]), np.array([r.predict == -1 for r in rows]),
-                   np.array([r.samples for r in rows], dtype=np.int64))
+                   np.array([r.samples for r in rows], dtype=np.int64),
+                   np.array([r.votes for r in rows], dtype=np.int64))
 
     def certified_accuracy(self, radii: Sequence[float]) -> list[float]:
         hits = self.correct[None, :] & (self.radius[None, :] >= np.asarray(radii, dtype=np.float64)[:, None])
@@ -59,6 +63,22 @@ class Run:
     @property
     def median_samples(self) -> float:
         return float(np.median(self.samples))
+
+    def fixed_n_samples(self, radii: Sequence[float], alpha: float) -> np.ndarray:
+        """Per example, a reference for the samples it needed: the fewest with which a fixed-N test that knows its
+        pA (estimated as votes / samples) certifies the same bracket, the highest radius of `radii` not above
+        its certified radius (Clopper-Pearson at the expected count: dmae.smoothing.bounds.fewest_samples). 0 on
+        abstain (nothing to certify); the samples it used where the estimate is not above the bracket's
+        threshold (no sample count would do)."""
+        tabulated, cuts = brackets(radii, self.sigma)
+        out = []
+        for radius, abstain, samples, votes in zip(self.radius, self.abstain, self.samples, self.votes):
+            if abstain:
+                out.append(0)
+                continue
+            need = fewest_samples(votes / samples, cuts[bisect.bisect_right(tabulated, radius) - 1], alpha)
+            out.append(samples if need is None else need)
+        return np.array(out, dtype=np.int64)
 
 
 def load_runs(paths: Mapping[float, str | os.PathLike]) -> dict[float, Run]:

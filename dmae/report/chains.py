@@ -33,7 +33,7 @@ class Chain:
 
 def every_kth(run: Run, k: int) -> Run:
     """The examples idx 0, k, 2k, ... of a run (rows in idx order), the ones the chains certify."""
-    return Run(run.sigma, run.radius[::k], run.correct[::k], run.abstain[::k], run.samples[::k])
+    return Run(run.sigma, run.radius[::k], run.correct[::k], run.abstain[::k], run.samples[::k], run.votes[::k])
 
 
 def _row(label: str, run: Run, radii, n0: int, models: int) -> list[str]:

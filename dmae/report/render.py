@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 from scipy.stats import norm
 
 from dmae.report.certified import Summary, best_over_sigma, certification_metrics, curve_rows, load_runs, radius_key
@@ -19,7 +20,7 @@ from dmae.report.document import Block, Figure, Heading, Paragraph, Table, from_
 from dmae.report.figures import (FINETUNE_COLUMNS, PRETRAIN_COLUMNS, certified_accuracy_figure, finetune_figure,
                                  pretrain_figure, read_metrics_tsv)
 from dmae.report.published import PUBLISHED, PublishedTable
-from dmae.smoothing.bounds import FINAL_SHARE, FIRST_LOOK
+from dmae.smoothing.bounds import FIRST_LOOK
 from dmae.util.errors import UserError
 from dmae.util.io import atomic_write_bytes, atomic_write_text, write_json, write_tsv
 
@@ -34,6 +35,23 @@ DEFINITIONS = (
     "units of [0,1] images. ACR (average certified radius): the mean over all examples of the certified radius "
     "of correct predictions, 0 for wrong ones and abstentions. Clean accuracy: the share classified correctly, "
     "whatever the radius. Like the paper's tables, the headline takes at each radius the best σ.")
+ADAPTIVE = {
+    "mixture": "Each image keeps a confidence sequence for pA (a beta-binomial mixture whose prior is the posterior "
+               "of pA given the N0 selection samples), valid at every sample count at once by Ville's inequality, "
+               "and looks wherever a decision first becomes possible.",
+    "union": f"Each image is sampled in looks of {FIRST_LOOK}, {2 * FIRST_LOOK}, {4 * FIRST_LOOK}, ... samples, "
+             "with α split over the looks.",
+}
+FIXED_N = (
+    "Samples: estimation samples per image (N0 selection samples come on top). Fixed-N need: for each image, the "
+    "fewest samples with which CERTIFY at a fixed N, knowing the image's pA (estimated as its votes for the "
+    "selected class over its samples) and seeing the expected count of votes, certifies the bracket this run "
+    "certified it at (the highest radius of the table not above its radius; Clopper-Pearson at the expected "
+    "count: with every sample agreeing, n ≥ ln(1/α) / ln(1/t) at the bracket's threshold t = Φ(r/σ)); 0 on "
+    "abstain. Mean / need says how many times more samples the run drew than a fixed-N test needs once pA is "
+    "known: what not knowing pA cost. 1x would be the least any fixed-N test can do; an adaptive method may "
+    "come close by stopping each image where its bracket is decided, and can beat it only on images whose "
+    "samples happen to run favourably.")
 
 
 @dataclass(frozen=True)
@@ -89,13 +107,10 @@ def overview(inputs: ReportInputs) -> list[Block]:
         text += (f" Certification (CERTIFY of Cohen et al.): N0 = {c['n0']}, N = {c['n']}, α = {c['alpha']:g}; "
                  f"with these, no certified radius can exceed {cap:.2f} σ.")
     elif c:
-        cap = norm.ppf((c["alpha"] * FINAL_SHARE) ** (1 / c["n_max"]))
-        text += (f" Certification: adaptive CERTIFY, N0 = {c['n0']}, at most N = {c['n_max']} estimation samples "
-                 f"per image, α = {c['alpha']:g}. Each image is sampled in looks of {FIRST_LOOK}, "
-                 f"{2 * FIRST_LOOK}, {4 * FIRST_LOOK}, ... samples and stops once the confidence interval of pA "
-                 f"lies between two consecutive radii of the table (or rules out radius 0); the error budget α is "
-                 f"split over the looks, so each certificate holds with probability at least 1 − α whatever the "
-                 f"stopping time. No certified radius can exceed {cap:.2f} σ.")
+        text += (f" Certification: adaptive, N0 = {c['n0']}, at most N = {c['n_max']} estimation samples per "
+                 f"image, α = {c['alpha']:g}. {ADAPTIVE[c['method']]} Each image stops once more samples cannot "
+                 f"change which radii of the table it is certified at; each certificate holds with probability at "
+                 f"least 1 − α whatever the stopping time.")
     return [Heading(TITLE, 1), Paragraph(text), Paragraph(DEFINITIONS)]
 
 
@@ -108,15 +123,24 @@ def headline(s: Summary) -> list[Block]:
             Paragraph(f"Best average certified radius (ACR): {acr.accuracy:.3f} at {_sigma(acr.sigma)}.")]
 
 
-def per_sigma(s: Summary, fixed_n: int | None) -> list[Block]:
-    """Certified accuracy and ACR per sigma, and the estimation samples each image took (adaptive CERTIFY stops
-    early; `fixed_n` is the N of fixed-N CERTIFY it is compared with)."""
+def per_sigma(s: Summary, c: dict | None) -> list[Block]:
+    """Certified accuracy and ACR per sigma, and the estimation samples each image took beside what a fixed-N test
+    that knows pA would need (given the certify settings `c`: alpha, and N or n_max)."""
+    n = (c.get("n") or c.get("n_max")) if c else None
     header = ["σ", *(f"{_r(r)} (%)" for r in s.radii), "ACR", "abstain (%)", "clean accuracy (%)",
-              "samples / image (mean)", "(median)", *(["N / mean"] if fixed_n else [])]
-    rows = [[f"{sigma:g}", *map(pct, run.certified_accuracy(s.radii)), f"{run.acr:.3f}", pct(run.abstain_rate),
-             pct(run.clean_accuracy), f"{run.mean_samples:,.0f}", f"{run.median_samples:,.0f}",
-             *([f"{fixed_n / run.mean_samples:.1f}x"] if fixed_n else [])] for sigma, run in s.runs.items()]
-    return [Heading("Per σ"), Table(header, rows)]
+              *(["N"] if n else []), "samples / image (mean)", "(median)",
+              *(["N / mean", "fixed-N need (mean)", "mean / need"] if n else [])]
+    rows = []
+    for sigma, run in s.runs.items():
+        row = [f"{sigma:g}", *map(pct, run.certified_accuracy(s.radii)), f"{run.acr:.3f}", pct(run.abstain_rate),
+               pct(run.clean_accuracy), *([f"{n:,}"] if n else []), f"{run.mean_samples:,.0f}",
+               f"{run.median_samples:,.0f}"]
+        if n:
+            need = float(np.mean(run.fixed_n_samples(s.radii, c["alpha"])))
+            row += [f"{n / run.mean_samples:.2f}x", f"{need:,.0f}",
+                    f"{run.mean_samples / need:.2f}x" if need else "—"]
+        rows.append(row)
+    return [Heading("Per σ"), Table(header, rows), *([Paragraph(FIXED_N)] if n else [])]
 
 
 def published(s: Summary, table: PublishedTable, n: int | None) -> list[Block]:
@@ -230,7 +254,7 @@ def denoised_smoothing(inputs: ReportInputs) -> list[Block]:
 def build(inputs: ReportInputs, figures: list[Figure], attack: list[Block]) -> list[Block]:
     s = inputs.summary
     c = _certify_settings(inputs)
-    blocks = overview(inputs) + headline(s) + per_sigma(s, c.get("n_max") if c else None)
+    blocks = overview(inputs) + headline(s) + per_sigma(s, c)
     table = PUBLISHED.get(inputs.dataset)
     if table:
         c = _certify_settings(inputs)

@@ -1,4 +1,4 @@
-"""Randomized smoothing: the smoothed classifier (PREDICT, CERTIFY, adaptive CERTIFY), its sampling engine and
+"""Randomized smoothing: the smoothed classifier (PREDICT, CERTIFY, adaptive certification), its sampling engine and
 confidence bounds, and certification of a data set to a file.
 
 May import dmae.util only: smoothing works around any base classifier.

@@ -1,21 +1,37 @@
-"""Confidence bounds on the top-class probability pA, and the anytime-valid bounds of adaptive CERTIFY.
+"""Confidence bounds on the top-class probability pA: Clopper-Pearson for CERTIFY, and the anytime-valid sequences
+of adaptive certification.
 
-Adaptive CERTIFY looks at the estimation counts after n_1 < n_2 < ... < n_K = n_max samples (`looks`) and may
-stop at any look. At look j it uses one-sided Clopper-Pearson bounds at level alpha_j (`look_alphas`), with
-sum_j alpha_j = alpha. Validity under any stopping rule (docs/certification.md derives it): the event "the
-certificate overstates pA" at the stopped look tau is contained in the union over j of {pA < L_j}, each of
-probability <= alpha_j, so P(pA < L_tau) <= sum_j alpha_j = alpha whatever tau is. The upper bound U_j and the
-best bound a later look could reach only decide when to stop (`decided`), so they need no share of alpha for the
-certificate to hold.
+An adaptive method looks at the estimation counts (nA of n samples voting cA) at looks of its choosing and may stop
+at any of them. Its sequence answers, at a look: is pA > t shown (`certifies`), is pA < t shown (`excludes`), can
+a later look still show pA > t if every further sample votes cA (`reachable`), where to look next (`next_look`),
+and which lower bound to report (`lower`). Valid means: with probability at least 1 - alpha, pA is above every
+bound the sequence gives at any look, so the certificate holds whatever the stopping time. `excludes` and
+`reachable` only decide when to stop and need no share of alpha. docs/certification.md derives both sequences:
+
+- `MixtureSequence` (method 'mixture'): a confidence sequence from Robbins' beta-binomial mixture martingale,
+  valid at every sample count by Ville's inequality; the prior is the posterior of pA given the N0 selection
+  samples. It looks where a decision first becomes possible.
+- `UnionOfLooks` (method 'union'): Clopper-Pearson bounds at looks 32, 64, 128, ... and n_max, with alpha split
+  over the looks (a union bound). With `naive=True` it spends alpha at every look: NOT valid, for comparison.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
+from typing import Protocol
+
 import numpy as np
+from scipy.special import betaln
 from scipy.stats import beta, norm
 
-FIRST_LOOK = 32  # estimation samples at the first look; each look doubles, the last is n_max
-FINAL_SHARE = 0.5  # share of alpha spent at the last look (the rest is split equally over the earlier ones)
+FIRST_LOOK = 32  # union: estimation samples at the first look; each look doubles, the last is n_max
+FINAL_SHARE = 0.5  # union: share of alpha spent at the last look (the rest is split equally over the earlier ones)
+PRIOR = (0.5, 0.5)  # mixture: Jeffreys' Beta(1/2, 1/2), updated with the selection counts
+MIXTURE_FINAL_SHARE = 0.25  # mixture: share of alpha spent on Clopper-Pearson at n_max (the rest on the sequence)
+CUT_ULPS = 16  # thresholds are raised by this many units in the last place, beyond the rounding of norm.cdf
+ROUNDING = 1e-9  # relative margin of a mixture's log value over its rounding error (terms of size 1e4: ~1e-12)
+BISECTIONS = 64  # halvings of [0, nA / n] when computing the mixture's lower bound (below 2 ** -64: a float's ulp)
 
 
 def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
@@ -37,8 +53,116 @@ def radius_cap(sigma: float, n: int, alpha: float) -> float:
     return float(sigma * norm.ppf(alpha ** (1.0 / n)))
 
 
+def brackets(radii, sigma: float) -> tuple[list[float], list[float]]:
+    """The tabulated radii (0 included, ascending) and the pA each needs: Phi(r / sigma), raised by CUT_ULPS so
+    that showing pA above it shows pA >= Phi(r / sigma) despite rounding. A radius whose threshold rounds to 1
+    cannot be certified with finitely many samples and is left out."""
+    pairs = {}
+    for r in sorted({0.0, *map(float, radii)}):
+        t = float(norm.cdf(r / sigma))
+        t += CUT_ULPS * float(np.spacing(t))
+        if t < 1 and t not in pairs:
+            pairs[t] = r
+    return list(pairs.values()), list(pairs)
+
+
+def radius_from_lower(lower: float, sigma: float) -> float | None:
+    """The certified radius of a lower bound on pA, or None (abstain) when it is below 1/2."""
+    return None if lower < 0.5 else float(sigma * norm.ppf(lower))
+
+
+class ConfidenceSequence(Protocol):
+    """The bounds of an adaptive method at a look with n_a of n samples voting cA (see the module doc)."""
+
+    n_max: int
+
+    def certifies(self, n_a: int, n: int, t: float) -> bool: ...
+    def excludes(self, n_a: int, n: int, t: float) -> bool: ...
+    def reachable(self, n_a: int, n: int, t: float) -> bool: ...
+    def next_look(self, n_a: int, n: int, t: float) -> int: ...
+    def lower(self, n_a: int, n: int) -> float: ...
+
+
+# -- the beta-binomial mixture --------------------------------------------------------------------------------------
+
+class MixtureSequence:
+    """Robbins' mixture: for a prior Beta(a, b) on the alternative, M_n(p) = B(a + nA, b + n - nA) / B(a, b) /
+    (p^nA (1 - p)^(n - nA)) is a martingale with mean 1 when pA = p, so by Ville's inequality
+    P(M_n(pA) >= 1 / alpha' at any n) <= alpha', and {p : M_n(p) < 1 / alpha'} holds pA at every n at once.
+    log M_n(p) falls as p rises to nA / n, so its lower end is the one root below nA / n. Of alpha, the sequence
+    gets alpha' = (1 - final_share) alpha and Clopper-Pearson at n_max the rest (a union bound of the two): a fixed
+    n is where Clopper-Pearson is at its best, and the sequence costs little more at a slightly smaller level."""
+
+    def __init__(self, n_max: int, alpha: float, a: float, b: float, final_share: float = MIXTURE_FINAL_SHARE):
+        self.n_max, self.a, self.b = n_max, a, b
+        self.level = math.log(1 / ((1 - final_share) * alpha))
+        self.final_alpha = final_share * alpha
+        self.prior = float(betaln(a, b))
+
+    @classmethod
+    def from_selection(cls, n_max: int, alpha: float, n_a0: int, n0: int) -> "MixtureSequence":
+        """The prior is the posterior of pA given the selection samples (n_a0 of n0 voting cA), which are
+        independent of the estimation samples: it is fixed before the first estimation sample is drawn."""
+        return cls(n_max, alpha, PRIOR[0] + n_a0, PRIOR[1] + n0 - n_a0)
+
+    def _terms(self, n_a: int, n: int, p: float) -> tuple[float, ...]:
+        return (float(betaln(self.a + n_a, self.b + n - n_a)), -self.prior, -n_a * math.log(p),
+                -(n - n_a) * math.log1p(-p))
+
+    def log_value(self, n_a: int, n: int, p: float) -> float:
+        """log M_n(p)."""
+        return math.fsum(self._terms(n_a, n, p))
+
+    def rejects(self, n_a: int, n: int, p: float) -> bool:
+        """M_n(p) >= 1 / alpha, with a margin beyond the rounding error of its logarithm."""
+        terms = self._terms(n_a, n, p)
+        return math.fsum(terms) - ROUNDING * (1 + sum(map(abs, terms))) >= self.level
+
+    def certifies(self, n_a: int, n: int, t: float) -> bool:
+        return (n_a > t * n and self.rejects(n_a, n, t)) or (n == self.n_max and self._final(n_a, n) >= t)
+
+    def excludes(self, n_a: int, n: int, t: float) -> bool:
+        return n_a < t * n and self.rejects(n_a, n, t)
+
+    def reachable(self, n_a: int, n: int, t: float) -> bool:
+        left = self.n_max - n
+        return self.certifies(n_a + left, self.n_max, t)
+
+    def next_look(self, n_a: int, n: int, t: float) -> int:
+        """The first sample count at which t can be certified (every sample from here on voting cA), excluded or
+        found unreachable (every one voting otherwise), or n_max: between looks no decision can change."""
+        left = self.n_max - n
+        up = _first(lambda m: self.certifies(n_a + m, n + m, t), left)
+        down = _first(lambda m: self.excludes(n_a, n + m, t) or not self.reachable(n_a, n + m, t), left)
+        return n + min(up, down)
+
+    def lower(self, n_a: int, n: int) -> float:
+        """The lower end of the confidence sequence: every p below it is rejected (bisection, kept on the side
+        of rejected points), and at n_max the larger of it and Clopper-Pearson's; 0 when no sample votes cA."""
+        low, high = 0.0, n_a / n
+        if not n_a:
+            return low
+        for _ in range(BISECTIONS):
+            mid = (low + high) / 2
+            if self.rejects(n_a, n, mid):
+                low = mid
+            else:
+                high = mid
+        return max(low, self._final(n_a, n)) if n == self.n_max else low
+
+    def _final(self, n_a: int, n: int) -> float:
+        return lower_confidence_bound(n_a, n, self.final_alpha) if self.final_alpha else 0.0
+
+
+def _first(holds, most: int) -> int:
+    """The least m in 1..most where `holds` (false, then true from some m on), or `most` if it never holds."""
+    return min(bisect.bisect_left(range(1, most + 1), True, key=holds) + 1, most)
+
+
+# -- Clopper-Pearson with alpha split over a fixed schedule of looks -------------------------------------------------
+
 def looks(n_max: int, first: int = FIRST_LOOK) -> list[int]:
-    """The sample counts at which adaptive CERTIFY may stop: first, 2 first, 4 first, ... below n_max, then n_max."""
+    """The sample counts at which the union method may stop: first, 2 first, 4 first, ... below n_max, then n_max."""
     out, n = [], first
     while n < n_max:
         out.append(n)
@@ -48,7 +172,7 @@ def looks(n_max: int, first: int = FIRST_LOOK) -> list[int]:
 
 def look_alphas(k: int, alpha: float, naive: bool = False) -> list[float]:
     """The level of each of k looks, summing to alpha; `naive` spends alpha at every look (not valid: for
-    comparison only, it is what re-applying Clopper-Pearson after every batch does)."""
+    comparison only, it is what re-applying Clopper-Pearson after every look does)."""
     if naive:
         return [alpha] * k
     if k == 1:
@@ -56,25 +180,49 @@ def look_alphas(k: int, alpha: float, naive: bool = False) -> list[float]:
     return [alpha * (1 - FINAL_SHARE) / (k - 1)] * (k - 1) + [alpha * FINAL_SHARE]
 
 
-def thresholds(radii, sigma: float) -> np.ndarray:
-    """The pA values at which the certified radius sigma * Phi^-1(pA) reaches each radius (0.5 for radius 0)."""
-    return np.unique(norm.cdf(np.asarray([0.0, *radii], dtype=np.float64) / sigma))
+class UnionOfLooks:
+    """Clopper-Pearson bounds at look j at level alpha_j, sum_j alpha_j = alpha: P(pA < L_j at some look) <=
+    sum_j P(pA < L_j) <= alpha (a union bound)."""
+
+    def __init__(self, n_max: int, alpha: float, naive: bool = False):
+        self.n_max = n_max
+        self.at = looks(n_max)
+        self.alphas = look_alphas(len(self.at), alpha, naive)
+
+    def _level(self, n: int) -> float:
+        return self.alphas[self.at.index(n)]
+
+    def certifies(self, n_a: int, n: int, t: float) -> bool:
+        return self.lower(n_a, n) >= t
+
+    def excludes(self, n_a: int, n: int, t: float) -> bool:
+        return upper_confidence_bound(n_a, n, self._level(n)) < t
+
+    def reachable(self, n_a: int, n: int, t: float) -> bool:
+        """Some later look (m samples, level alpha_m) gives a lower bound >= t if every further sample agrees."""
+        j = self.at.index(n) + 1
+        return any(lower_confidence_bound(n_a + m - n, m, a) >= t for m, a in zip(self.at[j:], self.alphas[j:]))
+
+    def next_look(self, n_a: int, n: int, t: float) -> int:
+        return next(m for m in self.at if m > n)
+
+    def lower(self, n_a: int, n: int) -> float:
+        return lower_confidence_bound(n_a, n, self._level(n))
 
 
-def decided(lower: float, upper: float, best: float, cuts: np.ndarray) -> bool:
-    """True once more samples cannot raise the certificate to another tabulated radius: the next threshold above
-    `lower` (the bound now) is above `upper` (pA lies below it, w.p. >= 1 - alpha_j), or above `best` (the highest
-    lower bound any later look could give, every remaining sample agreeing), or there is none."""
-    above = cuts[cuts > lower]
-    return not len(above) or upper < above[0] or best < above[0]
+# -- what a fixed-N test would need --------------------------------------------------------------------------------
 
+def fewest_samples(p: float, t: float, alpha: float) -> int | None:
+    """The fewest samples n with which CERTIFY, if pA = p and it saw the expected n p votes, shows pA >= t: the
+    Clopper-Pearson bound at the real-valued count n p reaches t (with p = 1, n >= ln(1/alpha) / ln(1/t)). None
+    when p <= t (no sample count suffices)."""
+    if p <= t:
+        return None
 
-def best_later(n_a: int, n: int, later: list[int], alphas: list[float]) -> float:
-    """The highest lower bound a later look (n_j samples, level alpha_j) can give if every further sample
-    agrees with the top class; 0 when there is no later look."""
-    return max((lower_confidence_bound(n_a + m - n, m, a) for m, a in zip(later, alphas)), default=0.0)
+    def enough(n: int) -> bool:
+        return n > 0 and beta.ppf(alpha, n * p, n * (1 - p) + 1) >= t
 
-
-def radius_from_lower(lower: float, sigma: float) -> float | None:
-    """The certified radius of a lower bound on pA, or None (abstain) when it is below 1/2."""
-    return None if lower < 0.5 else float(sigma * norm.ppf(lower))
+    most = 1
+    while not enough(most):
+        most *= 2
+    return bisect.bisect_left(range(most + 1), True, key=enough)

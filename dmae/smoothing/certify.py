@@ -1,8 +1,9 @@
 """Certify a data set with randomized smoothing: one TSV row per example, resumable and shardable.
 
-Output TSV: `idx label predict radius correct samples`, sorted by idx (predict -1 on abstain; samples: the
-estimation samples used, N for CERTIFY). It holds nothing that varies between runs, so a rerun writes the same
-bytes. Seconds per example go to a separate timing file (never a DVC output).
+Output TSV: `idx label predict radius correct samples votes`, sorted by idx (predict -1 on abstain; samples: the
+estimation samples used, N for CERTIFY; votes: how many of them voted the selected class cA, so votes / samples
+estimates pA). It holds nothing that varies between runs, so a rerun writes the same bytes. Seconds per example
+go to a separate timing file (never a DVC output).
 
 Work file: each finished row is appended (fsync per row) with its seconds; its first line records the
 certification parameters, its second is the header. A rerun with the same parameters skips the rows found
@@ -21,13 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from dmae.smoothing.smooth import METHODS, Smooth, check_certify_args
+from dmae.smoothing.smooth import Smooth, check_certify_args, check_method
 from dmae.util import distributed as dist
 from dmae.util.errors import UserError
 from dmae.util.io import atomic_write_text
 from dmae.util.progress import progress_bar
 
-COLUMNS = ["idx", "label", "predict", "radius", "correct", "samples"]
+COLUMNS = ["idx", "label", "predict", "radius", "correct", "samples", "votes"]
 HEADER = "\t".join(COLUMNS)
 WORK_HEADER = HEADER + "\tseconds"
 TIMING_HEADER = "idx\tsamples\tseconds"
@@ -41,10 +42,12 @@ class CertifyRow:
     radius: float
     correct: int  # 1 if predict == label
     samples: int  # estimation samples used
+    votes: int  # of them, those whose class was cA (the selection's top class, predicted or not)
     seconds: float | None = field(default=None, compare=False)  # first sample to decision (work, timing files)
 
     def to_line(self) -> str:
-        fields = (self.idx, self.label, self.predict, repr(float(self.radius)), self.correct, self.samples)
+        fields = (self.idx, self.label, self.predict, repr(float(self.radius)), self.correct, self.samples,
+                  self.votes)
         return "\t".join(map(str, fields)) + "\n"
 
     def to_work_line(self) -> str:
@@ -58,7 +61,7 @@ def _parse_row(path: Path, lineno: int, line: str, with_seconds: bool = False) -
         raise UserError(f"{path}:{lineno}: expected {width} tab-separated fields, got {len(fields)}: {line!r}")
     try:
         row = CertifyRow(int(fields[0]), int(fields[1]), int(fields[2]), float(fields[3]), int(fields[4]),
-                         int(fields[5]), float(fields[6]) if with_seconds else None)
+                         int(fields[5]), int(fields[6]), float(fields[7]) if with_seconds else None)
     except ValueError:
         raise UserError(f"{path}:{lineno}: malformed row {line!r}") from None
     consistent = (
@@ -70,6 +73,7 @@ def _parse_row(path: Path, lineno: int, line: str, with_seconds: bool = False) -
         and row.radius >= 0
         and (row.predict != -1 or row.radius == 0)
         and row.samples >= 1
+        and 0 <= row.votes <= row.samples
         and (row.seconds is None or row.seconds >= 0)
     )
     if not consistent:
@@ -185,21 +189,20 @@ def certify_examples(
     timing: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> list[CertifyRow]:
-    """CERTIFY (or adaptive CERTIFY, with at most n samples and the brackets of `radii`) dataset[idx] for this
+    """CERTIFY (or adaptive certification, at most n samples, the brackets of `radii`) dataset[idx] for this
     shard's share of `indices`; write the rows to out_path, sorted by idx, and their seconds to `timing`.
 
     dataset is sized and dataset[idx] gives (image [C, H, W] in [0, 1], int label). Resumes from the work file
     (`work`, default beside out_path) if there is one. Returns the rows written.
     """
     check_certify_args(n0=n0, n=n, alpha=alpha, batch_size=batch_size)
-    if method not in METHODS:
-        raise UserError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    check_method(method)
     todo = _shard_indices(indices, shard, len(dataset))
     out_path = Path(out_path)
     work = Path(work) if work is not None else work_path(out_path)
     params = {"n0": int(n0), "n": int(n), "alpha": float(alpha), "sigma": smooth.sigma, "seed": smooth.seed,
               "precision": smooth.precision, "method": method,
-              **({"radii": [float(r) for r in radii]} if method == "adaptive" else {})}
+              **({"radii": [float(r) for r in radii]} if method != "cohen" else {})}
     params_line = "# " + json.dumps(params, sort_keys=True)
     work.parent.mkdir(parents=True, exist_ok=True)
     done = _resume(work, params_line, todo, shard)
@@ -215,11 +218,11 @@ def certify_examples(
 
     with open(work, "a", encoding="utf-8") as fh, progress_bar(progress, unit="img") as bar:
         task = bar.add_task(f"certify {out_path.name}", total=len(todo), completed=len(done), status="")
-        for idx, predict, radius, samples in smooth.certify_all(images(), n0=n0, n=n, alpha=alpha,
-                                                                 batch_size=batch_size, method=method, radii=radii):
+        for idx, predict, radius, samples, votes in smooth.certify_all(
+                images(), n0=n0, n=n, alpha=alpha, batch_size=batch_size, method=method, radii=radii):
             label = int(labels.pop(idx))
             seconds = round(time.perf_counter() - started.pop(idx), 4)  # as written: returned rows equal the file's
-            row = CertifyRow(idx, label, predict, radius, int(predict == label), samples, seconds)
+            row = CertifyRow(idx, label, predict, radius, int(predict == label), samples, votes, seconds)
             fh.write(row.to_work_line())
             fh.flush()
             os.fsync(fh.fileno())

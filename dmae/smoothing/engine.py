@@ -2,9 +2,9 @@
 
 Every certification or prediction of one image is a *job*: a generator that asks for noisy samples of one phase
 (selection, estimation, prediction), receives the class counts of exactly those samples, and decides (CERTIFY's
-two phases; adaptive CERTIFY's looks; PREDICT). `run_jobs` serves the requests of several jobs with one forward
-pass: a batch carries the samples of as many images as it takes to fill it, so images that stop early (adaptive
-CERTIFY) never leave batches mostly empty.
+two phases; the looks of adaptive certification; PREDICT). `run_jobs` serves the requests of several jobs with one
+forward pass: a batch carries the samples of as many images as it takes to fill it, so images that stop early
+(adaptive certification) never leave batches mostly empty.
 
 Noise: sample j of (example index, phase) is a pure function of the seed, sigma, index, phase and j (see
 `NoiseStream`), so the counts at any point of a phase do not depend on the batch size, on which other images
@@ -22,8 +22,8 @@ from typing import Callable, Generator, Iterable, Iterator
 import numpy as np
 import torch
 
-from dmae.smoothing.bounds import (best_later, decided, look_alphas, looks, lower_confidence_bound, radius_from_lower,
-                                   thresholds, upper_confidence_bound)
+from dmae.smoothing.bounds import (ConfidenceSequence, MixtureSequence, UnionOfLooks, brackets, lower_confidence_bound,
+                                   radius_from_lower)
 
 NOISE_BLOCK = 256  # samples per generator; changing it changes every result
 SELECTION, ESTIMATION, PREDICTION = "selection", "estimation", "prediction"
@@ -74,32 +74,49 @@ def certify_from_counts(selection: np.ndarray, estimation: np.ndarray, alpha: fl
 
 def cohen_job(n0: int, n: int, alpha: float, sigma: float) -> Job:
     """CERTIFY (Cohen et al. 2019): cA from n0 selection samples, its lower bound from n fresh ones.
-    Returns (class or -1, radius, estimation samples)."""
+    Returns (class or -1, radius, estimation samples, of them voting cA)."""
     selection = yield SELECTION, n0, n0
     estimation = yield ESTIMATION, n, n
-    return (*certify_from_counts(selection, estimation, alpha, sigma), n)
+    return (*certify_from_counts(selection, estimation, alpha, sigma), n, int(estimation[np.argmax(selection)]))
 
 
-def adaptive_job(n0: int, n_max: int, alpha: float, sigma: float, radii, naive: bool = False) -> Job:
-    """Adaptive CERTIFY: cA as in CERTIFY; then estimation samples up to each look of `looks(n_max)`, stopping
-    at the first look after which more samples cannot raise the certificate to another radius of `radii`
-    (`decided`), or at n_max. The certificate is the lower bound at the stopping look (dmae.smoothing.bounds).
-    Returns (class or -1, radius, estimation samples)."""
+def sequential_job(n0: int, sigma: float, radii, sequence_of: Callable[[int, int], ConfidenceSequence]) -> Job:
+    """Adaptive certification: cA as in CERTIFY; then estimation samples up to each look of the sequence
+    (`sequence_of(selection votes for cA, n0)`), stopping once more samples cannot raise the certificate to another
+    radius of `radii`: the highest is certified, the next one is excluded or out of reach (at n_max it always is).
+    The radius is the larger of the last look's lower bound and the highest tabulated radius certified at any look
+    (dmae.smoothing.bounds). Returns (class or -1, radius, estimation samples, of them voting cA)."""
     selection = yield SELECTION, n0, n0
     c_a = int(np.argmax(selection))
-    at = looks(n_max)
-    alphas = look_alphas(len(at), alpha, naive)
-    cuts = thresholds(radii, sigma)
-    counts, done, lower = np.zeros_like(selection), 0, 0.0
-    for j, (n, level) in enumerate(zip(at, alphas)):
-        counts = counts + (yield ESTIMATION, n - done, n_max)
-        done, n_a = n, int(counts[c_a])
-        lower = lower_confidence_bound(n_a, n, level)
-        if decided(lower, upper_confidence_bound(n_a, n, level), best_later(n_a, n, at[j + 1:], alphas[j + 1:]),
-                   cuts):
+    sequence = sequence_of(int(selection[c_a]), n0)
+    radii, cuts = brackets(radii, sigma)
+    counts, n, n_a, certified = np.zeros_like(selection), 0, 0, -1  # certified: index of the highest bracket shown
+    while True:
+        look = sequence.next_look(n_a, n, cuts[certified + 1])
+        counts = counts + (yield ESTIMATION, look - n, sequence.n_max)
+        n, n_a = look, int(counts[c_a])
+        certified = max((k for k in range(certified + 1, len(cuts)) if sequence.certifies(n_a, n, cuts[k])),
+                        default=certified)
+        if certified + 1 == len(cuts):
             break
-    radius = radius_from_lower(lower, sigma)
-    return (ABSTAIN, 0.0, done) if radius is None else (c_a, radius, done)
+        t = cuts[certified + 1]
+        if sequence.excludes(n_a, n, t) or not sequence.reachable(n_a, n, t):
+            break
+    radius = radius_from_lower(sequence.lower(n_a, n), sigma)
+    if certified >= 0:
+        radius = max(radii[certified], radius or 0.0)
+    return (ABSTAIN, 0.0, n, n_a) if radius is None else (c_a, radius, n, n_a)
+
+
+def mixture_job(n0: int, n_max: int, alpha: float, sigma: float, radii) -> Job:
+    """Adaptive certification with the beta-binomial mixture confidence sequence (method 'mixture')."""
+    return sequential_job(n0, sigma, radii, lambda n_a0, n0: MixtureSequence.from_selection(n_max, alpha, n_a0, n0))
+
+
+def union_job(n0: int, n_max: int, alpha: float, sigma: float, radii, naive: bool = False) -> Job:
+    """Adaptive certification with alpha split over looks 32, 64, ..., n_max (method 'union'); `naive` spends
+    alpha at every look (not valid: for comparison)."""
+    return sequential_job(n0, sigma, radii, lambda n_a0, n0: UnionOfLooks(n_max, alpha, naive))
 
 
 def counts_job(phase: str, n: int) -> Job:

@@ -1,5 +1,6 @@
 """Randomized smoothing (Cohen, Rosenfeld & Kolter 2019): PREDICT and CERTIFY around any base classifier, and
-adaptive CERTIFY, which stops sampling an image once more samples cannot change which tabulated radii it reaches.
+adaptive certification, which stops sampling an image once more samples cannot change which tabulated radii it
+reaches.
 
 Noise seeding. The noise of one example is a pure function of (seed, sigma, index, phase). The sample stream of
 a phase is cut into blocks of NOISE_BLOCK samples, and block k is drawn from its own torch.Generator seeded with
@@ -20,12 +21,13 @@ import torch
 from scipy.stats import binomtest
 from torch import nn
 
-from dmae.smoothing.engine import ABSTAIN, PREDICTION, adaptive_job, cohen_job, counts_job, run_jobs
+from dmae.smoothing.engine import ABSTAIN, PREDICTION, cohen_job, counts_job, mixture_job, run_jobs, union_job
 from dmae.util.accel import compile_for_inference, inference_copy
 from dmae.util.errors import UserError
 from dmae.util.precision import autocast
 
-METHODS = ("cohen", "adaptive")
+METHODS = ("cohen", "mixture", "union")  # CERTIFY; adaptive with a mixture confidence sequence; with a union bound
+ADAPTIVE = {"mixture": mixture_job, "union": union_job}
 
 
 def predict_from_counts(counts: np.ndarray, alpha: float) -> int:
@@ -101,41 +103,40 @@ class Smooth:
     ) -> tuple[int, float]:
         """CERTIFY: (class, l2 radius) holding with probability >= 1 - alpha, or (-1, 0.0) to abstain."""
         check_certify_args(n0=n0, n=n, alpha=alpha, batch_size=batch_size)
-        predict, radius, _ = self._one(x, index, cohen_job(n0, n, alpha, self.sigma), batch_size)
+        predict, radius, _, _ = self._one(x, index, cohen_job(n0, n, alpha, self.sigma), batch_size)
         return predict, radius
 
     def certify_adaptive(
         self, x: torch.Tensor, n0: int, n_max: int, alpha: float, batch_size: int, *, radii: Sequence[float],
-        index: int = 0
-    ) -> tuple[int, float, int]:
-        """Adaptive CERTIFY: (class, l2 radius, estimation samples used), or (-1, 0.0, samples) to abstain.
+        method: str = "mixture", index: int = 0
+    ) -> tuple[int, float, int, int]:
+        """Adaptive certification: (class, l2 radius, estimation samples used, of them voting the class), or
+        (-1, 0.0, samples, votes) to abstain.
 
-        Selection with n0 samples as in CERTIFY; then estimation samples in growing looks, stopping as soon as
-        the anytime-valid interval of pA lies in one bracket between the thresholds of `radii`, or shows that
-        radius 0 cannot be certified, or n_max samples are reached. The radius holds with probability at least
-        1 - alpha whatever the stopping time (dmae.smoothing.bounds).
+        Selection with n0 samples as in CERTIFY; then estimation samples at the looks of `method` ('mixture' or
+        'union'), stopping as soon as more samples cannot change which radii of `radii` are certified, or n_max
+        samples are reached. The radius holds with probability at least 1 - alpha whatever the stopping time
+        (dmae.smoothing.bounds).
         """
         check_certify_args(n0=n0, n=n_max, alpha=alpha, batch_size=batch_size)
-        _check_radii(radii)
-        return self._one(x, index, adaptive_job(n0, n_max, alpha, self.sigma, radii), batch_size)
+        _check_adaptive(method, radii)
+        return self._one(x, index, ADAPTIVE[method](n0, n_max, alpha, self.sigma, radii), batch_size)
 
     def certify_all(
         self, images: Iterable[tuple[int, torch.Tensor]], *, n0: int, n: int, alpha: float, batch_size: int,
         method: str = "cohen", radii: Sequence[float] = ()
-    ) -> Iterator[tuple[int, int, float, int]]:
-        """CERTIFY (method 'cohen', n samples) or adaptive CERTIFY ('adaptive', at most n) of every (index, image),
-        several images per batch; yields (index, class or -1, radius, samples) as each image finishes, which
-        need not be in the order given."""
+    ) -> Iterator[tuple[int, int, float, int, int]]:
+        """CERTIFY (method 'cohen', n samples) or adaptive certification ('mixture' or 'union', at most n) of every
+        (index, image), several images per batch; yields (index, class or -1, radius, samples, of them voting cA)
+        as each image finishes, which need not be in the order given."""
         check_certify_args(n0=n0, n=n, alpha=alpha, batch_size=batch_size)
-        if method not in METHODS:
-            raise UserError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-        if method == "adaptive":
-            _check_radii(radii)
+        if method != "cohen":
+            _check_adaptive(method, radii)
 
         def job():
             if method == "cohen":
                 return cohen_job(n0, n, alpha, self.sigma)
-            return adaptive_job(n0, n, alpha, self.sigma, radii)
+            return ADAPTIVE[method](n0, n, alpha, self.sigma, radii)
 
         items = ((index, _image(x), job()) for index, x in images)
         for index, result in run_jobs(self.classify(batch_size), self.num_classes, self.sigma, self.seed, items,
@@ -172,6 +173,18 @@ def _image(x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.ndim != 3:
         raise UserError(f"x must be one image tensor [C, H, W], got {getattr(x, 'shape', type(x).__name__)}")
     return x
+
+
+def check_method(method) -> None:
+    if method not in METHODS:
+        raise UserError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+
+
+def _check_adaptive(method, radii) -> None:
+    if method not in ADAPTIVE:
+        check_method(method)
+        raise UserError(f"method must be one of {', '.join(ADAPTIVE)} for adaptive certification, got {method!r}")
+    _check_radii(radii)
 
 
 def _check_radii(radii) -> None:
