@@ -19,8 +19,8 @@ from dmae.smoothing import (
     predict_from_counts,
     radius_cap,
 )
-from dmae.smoothing.bounds import (CUT_ULPS, MixtureSequence, UnionOfLooks, brackets, fewest_samples, look_alphas,
-                                   looks)
+from dmae.smoothing.bounds import (CUT_ULPS, STOP_LOOKS, MixtureSequence, UnionOfLooks, _first, brackets,
+                                   fewest_samples, look_alphas, looks)
 from dmae.util.errors import UserError
 from tools.certify_bench import LinearBinary
 
@@ -198,23 +198,42 @@ def test_union_is_clopper_pearson_at_each_looks_level():
     assert union.next_look(0, 0, 0.5) == 32 and union.next_look(500, 512, 0.9) == 1000
 
 
-def test_mixture_martingale_is_the_beta_binomial_mixture():
-    sequence = MixtureSequence(1000, 0.01, 3.5, 1.5, final_share=0.0)
+def test_mixture_is_the_beta_binomial_mixture_over_the_alternatives_above_p():
+    sequence = MixtureSequence(1000, 0.01, 3.5, 1.5)
     for n_a, n, p in [(8, 10, 0.5), (30, 40, 0.6), (0, 5, 0.3), (40, 40, 0.9)]:
-        likelihood = quad(lambda q: (q / p) ** n_a * ((1 - q) / (1 - p)) ** (n - n_a) * beta.pdf(q, 3.5, 1.5), 0, 1)
-        assert sequence.log_value(n_a, n, p) == pytest.approx(np.log(likelihood[0]), rel=1e-8)
+        ratio = quad(lambda q: (q / p) ** n_a * ((1 - q) / (1 - p)) ** (n - n_a) * beta.pdf(q, 3.5, 1.5), p, 1)[0]
+        assert sequence.log_tail(n_a, n, p) == pytest.approx(np.log(ratio), rel=1e-7)
+        assert sequence.log_prior_mass(p) == pytest.approx(np.log(beta.sf(p, 3.5, 1.5)), rel=1e-7)
+        below = quad(lambda q: (q / p) ** n_a * ((1 - q) / (1 - p)) ** (n - n_a) * beta.pdf(q, 3.5, 1.5), 0, p)[0]
+        assert sequence.log_tail(n_a, n, p, above=False) == pytest.approx(np.log(below), rel=1e-7)
+    assert sequence.log_prior_mass(1 - 1e-300) is None  # underflow: nothing is certified from it
 
 
-def test_mixture_lower_end_is_where_the_martingale_reaches_one_over_alpha():
+def test_mixture_lower_end_is_the_first_p_not_rejected():
     sequence = MixtureSequence(10_000, 0.001, 90.5, 10.5, final_share=0.25)  # the sequence at 0.75 alpha
-    for n_a, n in [(950, 1000), (1000, 1000), (55, 100)]:
+    for n_a, n in [(950, 1000), (1000, 1000), (55, 100), (4990, 5000)]:
         low = sequence.lower(n_a, n)
-        assert sequence.rejects(n_a, n, low) and not sequence.rejects(n_a, n, low * (1 + 1e-9))
-        assert sequence.log_value(n_a, n, low) == pytest.approx(np.log(1 / 0.00075), abs=1e-6)
+        assert sequence.covered(n_a, n, low) and not sequence.rejects(n_a, n, low * (1 + 1e-6))  # rounding margins
+        assert sequence.log_tail(n_a, n, low) - sequence.log_prior_mass(low) == pytest.approx(np.log(1 / 0.00075),
+                                                                                          abs=1e-6)
+        grid = np.linspace(low / 2, low, 200)  # every p below it is rejected, not only where `covered` looked
+        assert all(sequence.rejects(n_a, n, p) for p in grid)
     assert sequence.lower(0, 10) == 0.0
-    # every sample agreeing, the mixture is B(a + n, b) / B(a, b) / p^n: the prior's b is what it costs
-    assert sequence.log_value(1000, 1000, 0.99) == pytest.approx(
-        betaln(1090.5, 10.5) - betaln(90.5, 10.5) - 1000 * np.log(0.99), rel=1e-12)
+    # every sample agreeing: B(a + n, b) P(Beta(a + n, b) > p) / (B(a, b) P(Beta(a, b) > p) p^n)
+    assert sequence.log_tail(1000, 1000, 0.99) - sequence.log_prior_mass(0.99) == pytest.approx(
+        betaln(1090.5, 10.5) + np.log(beta.sf(0.99, 1090.5, 10.5)) - betaln(90.5, 10.5)
+        - np.log(beta.sf(0.99, 90.5, 10.5)) - 1000 * np.log(0.99), abs=1e-6)  # less the rounding margins
+
+
+def test_one_sided_mixture_needs_fewer_agreeing_samples_than_two_sided():
+    """With 100 agreeing selection samples, r = 3 sigma (t = Phi(3)) at alpha 0.001: the mass of the prior
+    Beta(100.5, 1/2) below t (60 %) is not spent on alternatives that cannot certify t."""
+    t = norm.cdf(3.0)
+    one_sided = MixtureSequence(100_000, 0.001, 100.5, 0.5, final_share=0.0)
+    n = _first(lambda m: one_sided.certifies(m, m, t), 100_000)
+    two_sided = next(m for m in range(5000, 100_000, 10) if betaln(100.5 + m, 0.5) - betaln(100.5, 0.5) - m * np.log(t)
+                     >= np.log(1000))
+    assert fewest_samples(1.0, t, 0.001) == 5114 < n < 0.9 * two_sided
 
 
 def test_mixture_spends_the_final_share_of_alpha_on_clopper_pearson_at_n_max():
@@ -236,18 +255,19 @@ def test_mixture_certifies_from_below_and_excludes_from_above():
 
 @pytest.mark.parametrize("n_a, n", [(0, 0), (200, 200), (191, 200), (1995, 2000), (2900, 2950)])
 def test_mixture_looks_where_a_decision_first_becomes_possible(n_a, n):
-    """Before the next look no outcome can change a decision: every further sample agreeing certifies nothing,
-    every one disagreeing neither excludes the threshold nor puts it out of reach; at the look one of them
-    does (or the look is n_max)."""
+    """Before the next look no outcome can certify t (every further sample agreeing); none can exclude t or put
+    it out of reach (every one disagreeing) before the look less n / STOP_LOOKS samples; at the look one of them
+    can (or the look is n_max, or the n / STOP_LOOKS step)."""
     sequence, t = MixtureSequence(3000, 0.001, 95.5, 5.5), norm.cdf(2.0)
-    look = sequence.next_look(n_a, n, t)
+    look, late = sequence.next_look(n_a, n, t), int(np.ceil(n / STOP_LOOKS))
+    assert n < look <= 3000
     for m in range(1, look - n):
         assert not sequence.certifies(n_a + m, n + m, t)
-        assert not sequence.excludes(n_a, n + m, t) and sequence.reachable(n_a, n + m, t)
+        if m < look - n - late:
+            assert not sequence.excludes(n_a, n + m, t) and sequence.reachable(n_a, n + m, t)
     m = look - n
-    assert look == 3000 or sequence.certifies(n_a + m, look, t) or sequence.excludes(n_a, look, t) or not \
-        sequence.reachable(n_a, look, t)
-    assert n < look <= 3000
+    assert look == 3000 or m == late or sequence.certifies(n_a + m, look, t) or sequence.excludes(n_a, look, t) \
+        or not sequence.reachable(n_a, look, t)
 
 
 def test_fewest_samples_of_a_fixed_n_test():

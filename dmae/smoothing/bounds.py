@@ -8,9 +8,10 @@ and which lower bound to report (`lower`). Valid means: with probability at leas
 bound the sequence gives at any look, so the certificate holds whatever the stopping time. `excludes` and
 `reachable` only decide when to stop and need no share of alpha. docs/certification.md derives both sequences:
 
-- `MixtureSequence` (method 'mixture'): a confidence sequence from Robbins' beta-binomial mixture martingale,
-  valid at every sample count by Ville's inequality; the prior is the posterior of pA given the N0 selection
-  samples. It looks where a decision first becomes possible.
+- `MixtureSequence` (method 'mixture'): a confidence sequence from one-sided beta-binomial mixture martingales
+  (Robbins' mixture over the alternatives above each p), valid at every sample count by Ville's inequality; the
+  prior is the posterior of pA given the N0 selection samples. It looks where a decision first becomes possible,
+  and spends a quarter of alpha on Clopper-Pearson at n_max.
 - `UnionOfLooks` (method 'union'): Clopper-Pearson bounds at looks 32, 64, 128, ... and n_max, with alpha split
   over the looks (a union bound). With `naive=True` it spends alpha at every look: NOT valid, for comparison.
 """
@@ -22,7 +23,7 @@ import math
 from typing import Protocol
 
 import numpy as np
-from scipy.special import betaln
+from scipy.special import betainc, betaincc, betainccinv, betaln
 from scipy.stats import beta, norm
 
 FIRST_LOOK = 32  # union: estimation samples at the first look; each look doubles, the last is n_max
@@ -32,6 +33,10 @@ MIXTURE_FINAL_SHARE = 0.25  # mixture: share of alpha spent on Clopper-Pearson a
 CUT_ULPS = 16  # thresholds are raised by this many units in the last place, beyond the rounding of norm.cdf
 ROUNDING = 1e-9  # relative margin of a mixture's log value over its rounding error (terms of size 1e4: ~1e-12)
 BISECTIONS = 64  # halvings of [0, nA / n] when computing the mixture's lower bound (below 2 ** -64: a float's ulp)
+STOP_LOOKS = 64  # mixture: exclusion and reachability are looked at least n / STOP_LOOKS samples apart
+COVER_STEPS = 64  # most steps of `MixtureSequence.covered` (each multiplies the bound's excess; a few suffice)
+STEP_MARGIN = 1e-6  # `covered` aims each step at a prior mass this much (in log) below the bound, past rounding
+TINY = 1e-290  # probabilities below this (near the subnormals) are taken as lost: nothing is certified from them
 
 
 def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
@@ -86,18 +91,22 @@ class ConfidenceSequence(Protocol):
 # -- the beta-binomial mixture --------------------------------------------------------------------------------------
 
 class MixtureSequence:
-    """Robbins' mixture: for a prior Beta(a, b) on the alternative, M_n(p) = B(a + nA, b + n - nA) / B(a, b) /
-    (p^nA (1 - p)^(n - nA)) is a martingale with mean 1 when pA = p, so by Ville's inequality
-    P(M_n(pA) >= 1 / alpha' at any n) <= alpha', and {p : M_n(p) < 1 / alpha'} holds pA at every n at once.
-    log M_n(p) falls as p rises to nA / n, so its lower end is the one root below nA / n. Of alpha, the sequence
-    gets alpha' = (1 - final_share) alpha and Clopper-Pearson at n_max the rest (a union bound of the two): a fixed
-    n is where Clopper-Pearson is at its best, and the sequence costs little more at a slightly smaller level."""
+    """One-sided beta-binomial mixtures (Robbins 1970; Howard et al. 2021). For the prior Beta(a, b) and p in (0, 1),
+
+        M_n(p) = [integral over q > p of (q / p)^nA ((1 - q) / (1 - p))^(n - nA) dBeta(q; a, b)] / P(Beta(a, b) > p),
+
+    the likelihood ratio of the alternatives above p averaged over the prior restricted to them, is a martingale
+    with mean 1 when pA = p, so by Ville's inequality P(M_n(pA) >= 1 / alpha' at some n) <= alpha'. The sequence
+    rejects p when M_n(p) >= 1 / alpha', and certifies t when it rejects every p <= t: then t < pA, unless pA itself
+    was rejected at some n. Of alpha it gets alpha' = (1 - final_share) alpha; Clopper-Pearson at n_max gets the
+    rest (a union bound of the two: a fixed n is where Clopper-Pearson is at its best)."""
 
     def __init__(self, n_max: int, alpha: float, a: float, b: float, final_share: float = MIXTURE_FINAL_SHARE):
         self.n_max, self.a, self.b = n_max, a, b
         self.level = math.log(1 / ((1 - final_share) * alpha))
         self.final_alpha = final_share * alpha
         self.prior = float(betaln(a, b))
+        self._masses: dict[tuple[float, bool], float | None] = {}
 
     @classmethod
     def from_selection(cls, n_max: int, alpha: float, n_a0: int, n0: int) -> "MixtureSequence":
@@ -105,53 +114,95 @@ class MixtureSequence:
         independent of the estimation samples: it is fixed before the first estimation sample is drawn."""
         return cls(n_max, alpha, PRIOR[0] + n_a0, PRIOR[1] + n0 - n_a0)
 
-    def _terms(self, n_a: int, n: int, p: float) -> tuple[float, ...]:
-        return (float(betaln(self.a + n_a, self.b + n - n_a)), -self.prior, -n_a * math.log(p),
-                -(n - n_a) * math.log1p(-p))
+    def log_tail(self, n_a: int, n: int, p: float, above: bool = True) -> float | None:
+        """log of the integral over q above p (or below it) of the likelihood ratio against p, lowered by a margin
+        beyond its rounding error; None where the posterior's mass there underflows."""
+        a, b = self.a + n_a, self.b + n - n_a
+        mass = _log(betaincc(a, b, p) if above else betainc(a, b, p))
+        if mass is None:
+            return None
+        terms = (float(betaln(a, b)), mass, -self.prior, -n_a * math.log(p), -(n - n_a) * math.log1p(-p))
+        return math.fsum(terms) - ROUNDING * (1 + sum(map(abs, terms)))
 
-    def log_value(self, n_a: int, n: int, p: float) -> float:
-        """log M_n(p)."""
-        return math.fsum(self._terms(n_a, n, p))
+    def log_prior_mass(self, p: float, above: bool = True) -> float | None:
+        """log P(Beta(a, b) > p) (or < p), raised by a margin beyond its rounding error; None on underflow."""
+        if (p, above) not in self._masses:  # kept: the thresholds come back at every look
+            mass = _log(betaincc(self.a, self.b, p) if above else betainc(self.a, self.b, p))
+            self._masses[p, above] = None if mass is None else mass + ROUNDING * (1 + abs(mass))
+        return self._masses[p, above]
 
-    def rejects(self, n_a: int, n: int, p: float) -> bool:
-        """M_n(p) >= 1 / alpha, with a margin beyond the rounding error of its logarithm."""
-        terms = self._terms(n_a, n, p)
-        return math.fsum(terms) - ROUNDING * (1 + sum(map(abs, terms))) >= self.level
+    def rejects(self, n_a: int, n: int, p: float, above: bool = True) -> bool:
+        """M_n(p) >= 1 / alpha' (with `above` False, the mirror image: the alternatives below p)."""
+        tail, mass = self.log_tail(n_a, n, p, above), self.log_prior_mass(p, above)
+        return tail is not None and mass is not None and tail - mass >= self.level
+
+    def covered(self, n_a: int, n: int, t: float) -> bool:
+        """Every p <= t (< nA / n) is rejected. Below nA / n the integral falls as p rises, and so does the prior
+        mass above p, so on [low, high] M_n >= integral(high) / mass(low): from high = t, step down to the low where
+        that bound is 1 / alpha' until the integral alone reaches it (the mass is at most 1)."""
+        high = t
+        for _ in range(COVER_STEPS):
+            tail = self.log_tail(n_a, n, high)
+            if tail is None:
+                return False
+            budget = tail - self.level  # log of the largest prior mass above `low` that keeps the bound
+            if budget >= 0:
+                return True
+            low = float(betainccinv(self.a, self.b, math.exp(budget - STEP_MARGIN)))
+            mass = self.log_prior_mass(low)
+            if mass is None or mass > budget or low >= high:
+                return False
+            high = low
+        return False
 
     def certifies(self, n_a: int, n: int, t: float) -> bool:
-        return (n_a > t * n and self.rejects(n_a, n, t)) or (n == self.n_max and self._final(n_a, n) >= t)
+        return (n_a > t * n and self.rejects(n_a, n, t) and self.covered(n_a, n, t)) or self._final(n_a, n, t)
 
     def excludes(self, n_a: int, n: int, t: float) -> bool:
-        return n_a < t * n and self.rejects(n_a, n, t)
+        return n_a < t * n and self.rejects(n_a, n, t, above=False)
 
     def reachable(self, n_a: int, n: int, t: float) -> bool:
         left = self.n_max - n
-        return self.certifies(n_a + left, self.n_max, t)
+        return self._may_certify(n_a + left, self.n_max, t)
 
     def next_look(self, n_a: int, n: int, t: float) -> int:
-        """The first sample count at which t can be certified (every sample from here on voting cA), excluded or
-        found unreachable (every one voting otherwise), or n_max: between looks no decision can change."""
+        """The first sample count at which t may be certified (every sample from here on voting cA), or n_max;
+        or, if earlier, the first at which t may be excluded or out of reach (every one voting otherwise), but at
+        least n / STOP_LOOKS samples on: a rule that only stops sampling may look a little late, at most that
+        share more samples, instead of after every few samples."""
         left = self.n_max - n
-        up = _first(lambda m: self.certifies(n_a + m, n + m, t), left)
+        up = _first(lambda m: self._may_certify(n_a + m, n + m, t), left)
         down = _first(lambda m: self.excludes(n_a, n + m, t) or not self.reachable(n_a, n + m, t), left)
-        return n + min(up, down)
+        return n + min(up, max(down, math.ceil(n / STOP_LOOKS)))
 
     def lower(self, n_a: int, n: int) -> float:
-        """The lower end of the confidence sequence: every p below it is rejected (bisection, kept on the side
-        of rejected points), and at n_max the larger of it and Clopper-Pearson's; 0 when no sample votes cA."""
+        """The lower end of the confidence sequence: the largest p found `covered` (bisection, kept on the covered
+        side), and at n_max the larger of it and Clopper-Pearson's; 0 when no sample votes cA."""
         low, high = 0.0, n_a / n
-        if not n_a:
-            return low
-        for _ in range(BISECTIONS):
-            mid = (low + high) / 2
-            if self.rejects(n_a, n, mid):
-                low = mid
-            else:
-                high = mid
-        return max(low, self._final(n_a, n)) if n == self.n_max else low
+        if n_a:
+            for _ in range(BISECTIONS):
+                mid = (low + high) / 2
+                if self.rejects(n_a, n, mid) and self.covered(n_a, n, mid):
+                    low = mid
+                else:
+                    high = mid
+        return max(low, lower_confidence_bound(n_a, n, self.final_alpha)) if self._at_final(n) else low
 
-    def _final(self, n_a: int, n: int) -> float:
-        return lower_confidence_bound(n_a, n, self.final_alpha) if self.final_alpha else 0.0
+    def _may_certify(self, n_a: int, n: int, t: float) -> bool:
+        """t is rejected (`covered` aside: a stopping rule need not check every p below t)."""
+        return (n_a > t * n and self.rejects(n_a, n, t)) or self._final(n_a, n, t)
+
+    def _at_final(self, n: int) -> bool:
+        return n == self.n_max and self.final_alpha > 0
+
+    def _final(self, n_a: int, n: int, t: float) -> bool:
+        """Clopper-Pearson at n_max shows pA > t: P(Binomial(n, t) >= nA) = I_t(nA, n - nA + 1) <= alpha."""
+        return self._at_final(n) and n_a > 0 and betainc(n_a, n - n_a + 1, t) <= self.final_alpha * (1 - ROUNDING)
+
+
+def _log(x: float) -> float | None:
+    """log x, or None where x is too small to hold its digits (subnormal or 0)."""
+    return math.log(x) if x > TINY else None
 
 
 def _first(holds, most: int) -> int:
