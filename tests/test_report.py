@@ -74,6 +74,15 @@ def test_fixed_n_need_per_example(summary):
     assert expected[5] == fewest_samples(0.98, 0.5, 0.001) < expected[1] < expected[0]
 
 
+@pytest.mark.parametrize("method, says", [("mixture", "one-sided beta-binomial mixtures"), ("union", "split over")])
+def test_overview_says_how_the_adaptive_method_stops(summary, method, says):
+    from dmae.report.render import ReportInputs, overview, per_sigma
+    certify = {"method": method, "n0": 100, "n_max": 10_000, "alpha": 0.001}
+    text = overview(ReportInputs(summary, "digits", {"certify σ=0.25": {"certify": certify}}))[1].text
+    assert "at most N = 10000" in text and says in text
+    assert per_sigma(summary, certify)[1].header[9] == "N" and per_sigma(summary, certify)[1].rows[0][9] == "10,000"
+
+
 def test_best_sigma_envelope(summary):
     best = summary.best()
     assert [b.accuracy for b in best] == pytest.approx([a for a, _ in EXPECTED_BEST])

@@ -20,7 +20,7 @@ from dmae.report.document import Block, Figure, Heading, Paragraph, Table, from_
 from dmae.report.figures import (FINETUNE_COLUMNS, PRETRAIN_COLUMNS, certified_accuracy_figure, finetune_figure,
                                  pretrain_figure, read_metrics_tsv)
 from dmae.report.published import PUBLISHED, PublishedTable
-from dmae.smoothing.bounds import FIRST_LOOK
+from dmae.smoothing.bounds import FIRST_LOOK, MIXTURE_FINAL_SHARE
 from dmae.util.errors import UserError
 from dmae.util.io import atomic_write_bytes, atomic_write_text, write_json, write_tsv
 
@@ -36,9 +36,10 @@ DEFINITIONS = (
     "of correct predictions, 0 for wrong ones and abstentions. Clean accuracy: the share classified correctly, "
     "whatever the radius. Like the paper's tables, the headline takes at each radius the best σ.")
 ADAPTIVE = {
-    "mixture": "Each image keeps a confidence sequence for pA (a beta-binomial mixture whose prior is the posterior "
-               "of pA given the N0 selection samples), valid at every sample count at once by Ville's inequality, "
-               "and looks wherever a decision first becomes possible.",
+    "mixture": "Each image keeps a confidence sequence for pA (one-sided beta-binomial mixtures whose prior is the "
+               "posterior of pA given the N0 selection samples), valid at every sample count at once by Ville's "
+               "inequality, looks wherever a decision first becomes possible, and spends "
+               f"{MIXTURE_FINAL_SHARE:.0%} of α on Clopper-Pearson at the last sample.",
     "union": f"Each image is sampled in looks of {FIRST_LOOK}, {2 * FIRST_LOOK}, {4 * FIRST_LOOK}, ... samples, "
              "with α split over the looks.",
 }

@@ -11,7 +11,7 @@ bound the sequence gives at any look, so the certificate holds whatever the stop
 - `MixtureSequence` (method 'mixture'): a confidence sequence from one-sided beta-binomial mixture martingales
   (Robbins' mixture over the alternatives above each p), valid at every sample count by Ville's inequality; the
   prior is the posterior of pA given the N0 selection samples. It looks where a decision first becomes possible,
-  and spends a quarter of alpha on Clopper-Pearson at n_max.
+  and spends MIXTURE_FINAL_SHARE of alpha on Clopper-Pearson at n_max.
 - `UnionOfLooks` (method 'union'): Clopper-Pearson bounds at looks 32, 64, 128, ... and n_max, with alpha split
   over the looks (a union bound). With `naive=True` it spends alpha at every look: NOT valid, for comparison.
 """
