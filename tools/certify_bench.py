@@ -13,14 +13,17 @@ The methods:
 - `union`: Clopper-Pearson with alpha split over looks 32, 64, ..., at most N;
 - `naive (not valid)`: `union` re-applying Clopper-Pearson at level alpha after every look: it stops earlier and
   is NOT valid (tests/test_reliability_guarantee.py counts its false certificates on the linear oracle);
-- `Beta(1/2,1/2) every 100` (`--oracle` only): the mixture with Jeffreys' prior, looking every 100 samples.
+- `Beta(1/2,1/2) every 100` (`--oracle` only): Robbins' two-sided mixture with Jeffreys' prior (the published
+  form), looking every 100 samples.
 `simulate` replays CERTIFY and the adaptive methods at a larger N on records drawn from each image's measured pA.
 `oracle_records` makes records of a binary linear classifier whose pA is known in closed form.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,17 +31,19 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from scipy.special import betaln
 from torch import nn
 
 from dmae.report.certified import Run
 from dmae.smoothing import Smooth
-from dmae.smoothing.bounds import PRIOR, MixtureSequence
+from dmae.smoothing.bounds import BISECTIONS, ROUNDING, brackets
 from dmae.smoothing.engine import (ESTIMATION, SELECTION, Job, cohen_job, mixture_job, run_jobs, sequential_job,
                                    union_job)
 from dmae.util.errors import UserError
 
 ORACLE_LOOK = 100  # looks of the `Beta(1/2,1/2) every 100` baseline
 ORACLE_SPREAD = 1.25  # oracle margins are uniform over (0, ORACLE_SPREAD x the largest radius)
+BASELINE = f"Beta(1/2,1/2) every {ORACLE_LOOK}"  # the oracle's published baseline
 
 
 @dataclass(frozen=True)
@@ -132,12 +137,38 @@ def replay(job: Job, rec: Record) -> tuple:
         return stop.value
 
 
-class EveryHundred(MixtureSequence):
-    """The mixture sequence looking every ORACLE_LOOK samples (a baseline: with Jeffreys' prior, ignoring the
-    selection counts, and all of alpha on the sequence, it is the published form checked at a fixed interval)."""
+class EveryHundred:
+    """The published form of the mixture, a baseline: Robbins' two-sided mixture with Jeffreys' prior Beta(1/2,
+    1/2), M_n(p) = B(1/2 + nA, 1/2 + n - nA) / B(1/2, 1/2) / (p^nA (1 - p)^(n - nA)), all of alpha on it, looked at
+    every ORACLE_LOOK samples, with the stopping rules of the others. M_n falls as p rises to nA / n, so it
+    certifies t when it rejects t."""
+
+    def __init__(self, n_max: int, alpha: float):
+        self.n_max, self.level = n_max, math.log(1 / alpha)
+
+    def rejects(self, n_a: int, n: int, p: float) -> bool:
+        terms = (float(betaln(0.5 + n_a, 0.5 + n - n_a)), -float(betaln(0.5, 0.5)), -n_a * math.log(p),
+                 -(n - n_a) * math.log1p(-p))
+        return math.fsum(terms) - ROUNDING * (1 + sum(map(abs, terms))) >= self.level
+
+    def certifies(self, n_a: int, n: int, t: float) -> bool:
+        return n_a > t * n and self.rejects(n_a, n, t)
+
+    def excludes(self, n_a: int, n: int, t: float) -> bool:
+        return n_a < t * n and self.rejects(n_a, n, t)
+
+    def reachable(self, n_a: int, n: int, t: float) -> bool:
+        return self.certifies(n_a + self.n_max - n, self.n_max, t)
 
     def next_look(self, n_a: int, n: int, t: float) -> int:
         return min(n + ORACLE_LOOK, self.n_max)
+
+    def lower(self, n_a: int, n: int) -> float:
+        low, high = 0.0, n_a / n
+        for _ in range(BISECTIONS if n_a else 0):
+            mid = (low + high) / 2
+            low, high = (mid, high) if self.rejects(n_a, n, mid) else (low, mid)
+        return low
 
 
 def method_jobs(n0: int, n: int, alpha: float, sigma: float, radii,
@@ -147,8 +178,8 @@ def method_jobs(n0: int, n: int, alpha: float, sigma: float, radii,
             "union": lambda: union_job(n0, n, alpha, sigma, radii),
             "naive (not valid)": lambda: union_job(n0, n, alpha, sigma, radii, naive=True)}
     if oracle:
-        jobs[f"Beta(1/2,1/2) every {ORACLE_LOOK}"] = lambda: sequential_job(
-            n0, sigma, radii, lambda n_a0, n0: EveryHundred(n, alpha, *PRIOR, final_share=0.0))
+        jobs[BASELINE] = lambda: sequential_job(
+            n0, sigma, radii, lambda n_a0, n0: EveryHundred(n, alpha))
     return jobs
 
 
@@ -159,6 +190,18 @@ def summary(method: str, sigma: float, n: int, results: list[tuple], labels: Seq
     run = Run(sigma, radius.astype(np.float64), predict == np.asarray(labels), predict == -1, samples, votes)
     return Result(method, sigma, n, run.certified_accuracy(radii), run.acr, run.mean_samples, run.median_samples,
                   float(np.mean(run.fixed_n_samples(radii, alpha))), seconds)
+
+
+def alike(first: list[tuple], second: list[tuple], sigma: float, radii: Sequence[float]) -> tuple[int, float, float]:
+    """How many images two methods certify in the same bracket (the highest radius of `radii` not above the
+    radius, or none), and the mean samples each took on them: the cost of the same table."""
+    tabulated, _ = brackets(radii, sigma)
+
+    def bracket(result: tuple) -> int:
+        return -1 if result[0] == -1 else bisect.bisect_right(tabulated, result[1])
+
+    same = [i for i, (a, b) in enumerate(zip(first, second)) if bracket(a) == bracket(b)]
+    return len(same), float(np.mean([first[i][2] for i in same])), float(np.mean([second[i][2] for i in same]))
 
 
 def run_methods(records: list[Record], sigma: float, *, n0: int, n: int, alpha: float, radii: Sequence[float],
