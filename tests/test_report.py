@@ -191,6 +191,18 @@ def test_attack_section_warns_about_autoattack_only_when_run():
         assert ("its accuracy is an upper bound" in text) == bool(versions)
 
 
+def test_attack_section_says_when_autoattack_ran_with_a_reduced_budget():
+    def text(budget):
+        params = attack_params(autoattack={"versions": ["standard"], "budget": budget})
+        accuracy = {c: 0.5 for c in columns(params.attack)}
+        return to_markdown(section([Row("nim", 0.25, True, accuracy, accuracy, 0.01)], params, 8, ["t.png", "a.png"]))
+
+    assert "REDUCED" not in text({})  # params.yaml: the standard budget
+    reduced = text({"iterations": 5, "square_queries": 50})
+    assert "REDUCED budget: iterations 5 (standard 100), square queries 50 (standard 5000)" in reduced
+    assert "target classes" not in reduced.split("REDUCED")[1].split(".")[0]  # only the reduced keys are named
+
+
 def test_autoattack_cells_take_their_interval_over_the_autoattack_examples():
     params = attack_params(autoattack={"versions": ["standard"], "examples": 16, "test_sigmas": [0.0]})
     accuracy = {c: 0.5 for c in columns(params.attack)}
