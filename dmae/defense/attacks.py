@@ -101,21 +101,19 @@ _LOSSES = {"ce": _ce, "dlr": _dlr}
 
 def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot: int = 1,
                    loss: str = "ce") -> torch.Tensor:
-    """Gradient of the summed loss ('ce' or 'dlr') w.r.t. x, averaged over `eot` forward/backward passes.
+    """Gradient of the summed loss ('ce' or 'dlr') w.r.t. x, averaged over `eot` draws of the model.
 
-    For a randomized model each pass sees a fresh draw, so eot > 1 estimates the gradient of the expected loss
-    (expectation over transformation). Summing over the batch keeps each example's gradient independent of the
-    others.
+    For a randomized model each copy of x sees a fresh draw, so eot > 1 estimates the gradient of the expected
+    loss (expectation over transformation). The eot copies go through the model as one batch of eot * B images.
+    Summing over the batch keeps each example's gradient independent of the others.
     """
     _check_count("eot", eot)
     if loss not in _LOSSES:
         raise UserError(f"loss must be one of {sorted(_LOSSES)}, got {loss!r}")
-    x = x.detach().requires_grad_(True)
-    grad = torch.zeros_like(x)
+    copies = x.detach().repeat(eot, 1, 1, 1).requires_grad_(True)
     with _attack_mode(model), torch.enable_grad():
-        for _ in range(eot):
-            grad += torch.autograd.grad(_LOSSES[loss](model(x), y).sum(), x)[0]
-    return grad / eot
+        grad = torch.autograd.grad(_LOSSES[loss](model(copies), y.repeat(eot)).sum(), copies)[0]
+    return grad.view(eot, *x.shape).mean(0)
 
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, eot: int = 1) -> torch.Tensor:
@@ -276,9 +274,15 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, v
 
 
 @torch.no_grad()
-def robust_accuracy(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, draws: int = 1) -> float:
-    """Fraction of x_adv classified as y; for a randomized model, averaged over `draws` forward passes."""
+def correct_per_draw(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, draws: int = 1) -> list[int]:
+    """How many of x_adv are classified as y, for each of `draws` draws of a randomized model (one batch of
+    draws * B images)."""
     _check_count("draws", draws)
     with _attack_mode(model):
-        hits = sum((model(x_adv).argmax(1) == y).float().mean().item() for _ in range(draws))
-    return hits / draws
+        hits = model(x_adv.repeat(draws, 1, 1, 1)).argmax(1) == y.repeat(draws)
+    return hits.view(draws, -1).sum(1).tolist()
+
+
+def robust_accuracy(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, draws: int = 1) -> float:
+    """Fraction of x_adv classified as y; for a randomized model, averaged over `draws` draws."""
+    return sum(correct_per_draw(model, x_adv, y, draws)) / (draws * len(y))

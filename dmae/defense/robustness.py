@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from dmae.defense.attacks import autoattack, fgsm, pgd, robust_accuracy, square_attack
+from dmae.defense.attacks import autoattack, correct_per_draw, fgsm, pgd, square_attack
 from dmae.defense.chain import Defense, StraightThrough
 from dmae.models.architectures import ModelConfig
 from dmae.models.autoencoder import load_autoencoder
@@ -123,6 +123,9 @@ def evaluate_defense(defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: At
         if column.startswith(AUTOATTACK) and column not in autoattack:
             accuracy[column] = worst[column] = None
             continue
+        if sweep_columns(cfg).get(column) == 0:  # PGD in a ball of radius 0 is the clean image
+            accuracy[column], worst[column] = accuracy["clean"], worst["clean"]
+            continue
         n = column_examples(cfg, column, len(x))
         t0, correct, kept = time.perf_counter(), [0] * draws, []
         for b, start in enumerate(range(0, n, cfg.batch_size)):
@@ -130,9 +133,8 @@ def evaluate_defense(defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: At
             seed = derive_seed(cfg.seed, *key, column, b)
             torch.manual_seed(seed)
             x_adv = craft(column, defense, xb, yb, cfg, seed)
-            for d in range(draws):
-                torch.manual_seed(derive_seed(seed, "evaluate", d))
-                correct[d] += round(robust_accuracy(defense, x_adv, yb) * len(yb))  # one draw: a count
+            torch.manual_seed(derive_seed(seed, "evaluate"))
+            correct = [c + hits for c, hits in zip(correct, correct_per_draw(defense, x_adv, yb, draws))]
             if column == SHOWN and keep > sum(map(len, kept)):
                 kept.append(x_adv)
         accuracy[column], worst[column] = sum(correct) / (draws * n), min(correct) / n
