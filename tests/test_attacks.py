@@ -223,6 +223,18 @@ def test_autoattack_rand_attacks_a_randomized_model(trained):
     assert robust_accuracy(noisy, x_adv, y, draws=3) <= 0.1
 
 
+def test_autoattack_passes_on_its_reliability_warnings_and_takes_a_budget(trained):
+    """'standard' on a randomized model: the package warns that 'rand' is the version to use; the warning
+    comes back to the caller (the report's sanity table) instead of only going to the log."""
+    pytest.importorskip("pyautoattack")
+    model, x, y = trained
+    said: list[str] = []
+    x_adv = autoattack(Noisy(model, sigma=0.05), x[:8], y[:8], eps=0.1, iterations=2, target_classes=2,
+                       square_queries=4, warnings=said)
+    assert _in_budget(x_adv, x[:8], 0.1)
+    assert any("randomized defense" in message for message in said), said
+
+
 def test_autoattack_needs_enough_classes():
     pytest.importorskip("pyautoattack")
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))

@@ -11,6 +11,7 @@ randomized model draws from its own RNG (usually torch's global one), which the 
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from contextlib import contextmanager
@@ -227,17 +228,29 @@ def square_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
 # AutoAttack and evaluation
 
 
+class _Messages(logging.Handler):
+    """Collects what a logger warns about."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(" ".join(record.getMessage().split()))
+
+
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, version: str = "standard",
                seed: int = 0, batch_size: int = 250, *, iterations: int = 100, target_classes: int = 9,
-               square_queries: int = 5000, eot_iter: int = 20) -> torch.Tensor:
+               square_queries: int = 5000, eot_iter: int = 20, warnings: list[str] | None = None) -> torch.Tensor:
     """AutoAttack (Croce & Hein 2020), l-infinity, run by `pyautoattack` (a PyPI packaging of fra31/auto-attack).
 
     version 'standard': APGD-CE, APGD-T (9 target classes), FAB-T (9 targets), Square (5000 queries), each run
     on the points the previous ones did not break. version 'rand' (randomized defenses): APGD-CE and APGD-DLR,
     each with EOT over 20 draws. The keyword arguments set that budget (their defaults are the package's
     standard values, 100 iterations for every APGD and FAB); models with fewer classes than target_classes + 1
-    get n_classes - 1 target classes. The package seeds torch's RNG with `seed` and clears sys.settrace; both
-    are restored afterwards.
+    get n_classes - 1 target classes. The package's own reliability checks (a randomized or dynamic defense,
+    zero gradients, Square lowering the accuracy further) are appended to `warnings`. The package seeds torch's
+    RNG with `seed` and clears sys.settrace; both are restored afterwards.
     """
     _check_inputs(x, y, eps)
     _check_count("batch_size", batch_size)
@@ -266,10 +279,15 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, v
         adversary.square.n_queries = square_queries
         if version == "rand":
             adversary.apgd.eot_iter = eot_iter
+        collected = _Messages()
+        adversary.logger.addHandler(collected)
         try:
             x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
         finally:
             sys.settrace(tracer)
+            adversary.logger.removeHandler(collected)
+        if warnings is not None:
+            warnings += collected.messages
     return _project(x_adv.detach(), x, eps)
 
 
