@@ -30,8 +30,8 @@ TOY = {"classes": 5, "train_per_class": 16, "val_per_class": 4, "cifar_per_batch
 TOY_SIZES = {  # dotted key -> value; a training section's batch is set from its accumulation (see `shrink`)
     "data.val_fraction": 0.2, "data.test_every": 2,
     "certify.n0": 4, "certify.n": 24, "certify.n_max": 48, "certify.batch_size": 16,
-    "attack.examples": 4, "attack.batch_size": 4, "attack.pgd.steps": 2, "attack.eot": 2, "attack.draws": 2,
-    "attack.square.queries": 4, "attack.autoattack.examples": 2,
+    "attack.examples": 2, "attack.batch_size": 2, "attack.pgd.steps": 2, "attack.eot": 2, "attack.draws": 2,
+    "attack.square.queries": 4, "attack.autoattack.examples": 1,
     "attack.autoattack.budget": {"iterations": 2, "target_classes": 2, "square_queries": 4, "eot_iter": 2},
     "denoised_smoothing.test_every": 2,
 }
