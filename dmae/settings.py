@@ -255,6 +255,7 @@ class FinetuneSettings(Section):
 
 class CertifySettings(Section):
     method: Literal["cohen", "adaptive"]  # CERTIFY with n samples, or adaptive CERTIFY with at most n_max
+    test_every: Count  # certify every k-th example of the test split (which the attack stage draws from whole)
     n0: Count
     n: Count
     n_max: Count
@@ -330,7 +331,7 @@ class AutoAttackSettings(Section):
     the test sigmas in `test_sigmas` (a classifier without a denoiser has the one row at sigma 0)."""
 
     versions: list[Literal["standard", "rand"]]
-    examples: Count
+    examples: Count | Literal["all"]  # all: every attack example
     classifiers: list[Name]  # keys of defense.classifiers
     test_sigmas: list[Annotated[float, Number, Field(ge=0, le=10)]]  # a subset of attack.test_sigmas
 
@@ -338,7 +339,7 @@ class AutoAttackSettings(Section):
 class AttackSettings(Section):
     """l-infinity attacks on every classifier of defense.classifiers, through its defense at each test sigma."""
 
-    examples: Count
+    examples: Count | Literal["all"]  # a seeded subset of the test split, or all of it
     batch_size: Count
     test_sigmas: list[Annotated[float, Number, Field(ge=0, le=10)]]
     eps: Probability
@@ -363,7 +364,7 @@ class AttackSettings(Section):
             raise ValueError("test_sigmas is empty")
         if unknown := [s for s in self.autoattack.test_sigmas if s not in self.test_sigmas]:
             raise ValueError(f"autoattack.test_sigmas {unknown} are not in test_sigmas {self.test_sigmas}")
-        if self.autoattack.examples > self.examples:
+        if "all" not in (self.examples, self.autoattack.examples) and self.autoattack.examples > self.examples:
             raise ValueError(f"autoattack.examples = {self.autoattack.examples} is more than examples = "
                              f"{self.examples}")
         return self
@@ -394,7 +395,7 @@ class ChainFinetune(Section):
 class DenoisedSmoothingSettings(Section):
     """Certified robustness of denoise-then-classify chains (denoised smoothing), with the certify settings."""
 
-    test_every: Count  # certify every k-th example of the test split
+    test_every: Count  # certify every k-th of the examples `certify` certifies
     finetune: ChainFinetune
     chains: dict[Name, ChainSpec]
 

@@ -44,7 +44,7 @@ def main(
                             how.norm_pix_loss if how else True, how.reconstruct_groups if how else 1))
     inputs = [data, *sorted({p for c in chains for p in (c.classifier, c.denoiser) if p})]
     with work_state("attack", out, settings, inputs) as state:
-        x, y = attack_examples(load_split(data, "test"), cfg.examples, cfg.seed)
+        x, y = attack_examples(load_split(data, "test"), cfg.examples, cfg.seed, runtime.workers)
         rows, shown = evaluate_chains(chains, params.model.config(meta), meta["num_classes"], x, y, cfg,
                                       device=device, state_path=state.path("rows.pt"), show=SHOW,
                                       progress=runtime.progress)

@@ -26,9 +26,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
+from torch.utils.data import DataLoader, Subset
 
 from dmae.defense.attacks import autoattack, fgsm, pgd, robust_accuracy, square_attack
 from dmae.defense.chain import Defense, StraightThrough
@@ -56,7 +57,9 @@ def columns(cfg: AttackSettings) -> list[str]:
 
 def column_examples(cfg: AttackSettings, column: str, examples: int) -> int:
     """How many of the `examples` attack examples a column is evaluated on (AutoAttack: the first few)."""
-    return min(cfg.autoattack.examples, examples) if column.startswith(AUTOATTACK) else examples
+    if column.startswith(AUTOATTACK) and cfg.autoattack.examples != "all":
+        return min(cfg.autoattack.examples, examples)
+    return examples
 
 
 def sweep_columns(cfg: AttackSettings) -> dict[str, float]:
@@ -107,10 +110,11 @@ def evaluate_defense(defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: At
 
     `key` (e.g. classifier name and sigma) keys the seeds; `keep` > 0 returns that many examples of the SHOWN
     attack; `on_column(column, accuracy, seconds)` runs after each column that was run (seconds: crafting and
-    evaluating it).
+    evaluating it). (x, y) may stay on the CPU (a whole validation split): batches move to the defense's device.
     """
     deterministic = defense.sigma == 0
     draws = 1 if deterministic else cfg.draws
+    device = _device(defense)
     accuracy: dict[str, float | None] = {}
     worst: dict[str, float | None] = {}
     shown = None
@@ -125,7 +129,8 @@ def evaluate_defense(defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: At
         n = column_examples(cfg, column, len(x))
         t0, correct, kept = time.perf_counter(), [0] * draws, []
         for b, start in enumerate(range(0, n, cfg.batch_size)):
-            xb, yb = x[start:min(start + cfg.batch_size, n)], y[start:min(start + cfg.batch_size, n)]
+            stop = min(start + cfg.batch_size, n)
+            xb, yb = x[start:stop].to(device), y[start:stop].to(device)
             seed = derive_seed(cfg.seed, *key, column, b)
             torch.manual_seed(seed)
             x_adv = craft(column, defense, xb, yb, cfg, seed)
@@ -146,12 +151,17 @@ def evaluate_defense(defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: At
 def denoising_error(defense: Defense, x: torch.Tensor, cfg: AttackSettings, key: tuple) -> float:
     """Mean squared error (per pixel, [0,1] units) of the defense's denoised version of the clean images, over
     cfg.draws noise draws: how well its denoiser undoes the noise, whatever the classifier."""
-    total = 0.0
+    total, device = 0.0, _device(defense)
     for d in range(cfg.draws):
         torch.manual_seed(derive_seed(cfg.seed, *key, "mse", d))
-        total += sum(float(((defense.purify(x[i:i + cfg.batch_size])[1] - x[i:i + cfg.batch_size]) ** 2).sum())
-                     for i in range(0, len(x), cfg.batch_size))
+        for i in range(0, len(x), cfg.batch_size):
+            xb = x[i:i + cfg.batch_size].to(device)
+            total += float(((defense.purify(xb)[1] - xb) ** 2).sum())
     return total / (cfg.draws * x.numel())
+
+
+def _device(defense: Defense) -> torch.device:
+    return next(defense.classifier.parameters()).device
 
 
 # -- every classifier of the comparison --------------------------------------------------------------------------
@@ -181,11 +191,18 @@ def sigma_label(sigma: float) -> str:
     return "none" if sigma == 0 else f"{round(sigma * 255, 1):g}/255"
 
 
-def attack_examples(dataset, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded subset of n examples of `dataset` (all of them if it is smaller), in index order."""
+def attack_examples(dataset, n: int | Literal["all"], seed: int,
+                    workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded subset of n examples of `dataset` (all of them if it is smaller, or n is "all"), in index order,
+    on the CPU; read by `workers` data-loader processes."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(derive_seed(seed, "examples")))
-    chosen = sorted(order[:n].tolist())
-    return torch.stack([dataset[i][0] for i in chosen]), torch.tensor([int(dataset[i][1]) for i in chosen])
+    chosen = sorted(order[:None if n == "all" else n].tolist())
+    x, y = None, torch.empty(len(chosen), dtype=torch.long)
+    for start, (xb, yb) in zip(range(0, len(chosen), 256), DataLoader(Subset(dataset, chosen), batch_size=256,
+                                                                      num_workers=workers)):
+        x = torch.empty(len(chosen), *xb.shape[1:]) if x is None else x  # filled in place: 30 GB for ImageNet val
+        x[start:start + len(xb)], y[start:start + len(xb)] = xb, yb
+    return x, y
 
 
 def evaluate_chains(chains: list[Chain], model_cfg: ModelConfig, num_classes: int, x: torch.Tensor,
@@ -198,9 +215,8 @@ def evaluate_chains(chains: list[Chain], model_cfg: ModelConfig, num_classes: in
     their noisy and denoised versions.
     """
     done = load_state(state_path) or {}  # finished rows: "name|sigma" -> {"accuracy", "shown"}
-    x, y = x.to(device), y.to(device)
     rows: list[Row] = []
-    shown = {"clean": x[:show]}
+    shown = {"clean": x[:show].to(device)}
     with progress_bar(progress, unit="row") as bar:
         task = bar.add_task("attack", status="", total=sum(
             len(cfg.test_sigmas) if c.denoiser else 1 for c in chains))
