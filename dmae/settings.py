@@ -326,6 +326,22 @@ class SquareSettings(Section):
     p_init: Annotated[float, Field(gt=0, le=1)]
 
 
+class AutoAttackBudget(Section):
+    """How hard AutoAttack tries; the package's 'standard' / 'rand' values are STANDARD_BUDGET (the papers')."""
+
+    iterations: Count  # APGD-CE, APGD-T, APGD-DLR and FAB-T iterations
+    target_classes: Count  # APGD-T and FAB-T target classes (at most the model's classes - 1)
+    square_queries: Count
+    eot_iter: Count  # 'rand': gradient draws averaged per APGD iteration
+
+    def reduced(self) -> list[str]:
+        """The keys set below the package's standard values (the report says so)."""
+        return [k for k, v in STANDARD_BUDGET.items() if getattr(self, k) < v]
+
+
+STANDARD_BUDGET = {"iterations": 100, "target_classes": 9, "square_queries": 5000, "eot_iter": 20}
+
+
 class AutoAttackSettings(Section):
     """AutoAttack (pyautoattack) on the first `examples` attack examples, for the classifiers in `classifiers` at
     the test sigmas in `test_sigmas` (a classifier without a denoiser has the one row at sigma 0)."""
@@ -334,6 +350,7 @@ class AutoAttackSettings(Section):
     examples: Count | Literal["all"]  # all: every attack example
     classifiers: list[Name]  # keys of defense.classifiers
     test_sigmas: list[Annotated[float, Number, Field(ge=0, le=10)]]  # a subset of attack.test_sigmas
+    budget: AutoAttackBudget
 
 
 class AttackSettings(Section):

@@ -125,7 +125,8 @@ def test_autoattack_runs_on_the_first_examples_at_its_test_sigmas_only(parts, mo
     denoiser, classifier, x, y = parts
     seen = []
 
-    def fake_autoattack(model, xb, yb, eps, version, seed, batch_size):
+    def fake_autoattack(model, xb, yb, eps, version, seed, batch_size, **budget):
+        assert budget == cfg.autoattack.budget.model_dump()  # the params' budget reaches the attack
         seen.append((version, len(xb)))
         return xb + (torch.arange(len(xb)) % 2 == 1).float()[:, None, None, None]  # odd ones: moved away
 

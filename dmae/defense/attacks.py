@@ -230,13 +230,16 @@ def square_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
 
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, version: str = "standard",
-               seed: int = 0, batch_size: int = 250) -> torch.Tensor:
+               seed: int = 0, batch_size: int = 250, *, iterations: int = 100, target_classes: int = 9,
+               square_queries: int = 5000, eot_iter: int = 20) -> torch.Tensor:
     """AutoAttack (Croce & Hein 2020), l-infinity, run by `pyautoattack` (a PyPI packaging of fra31/auto-attack).
 
     version 'standard': APGD-CE, APGD-T (9 target classes), FAB-T (9 targets), Square (5000 queries), each run
     on the points the previous ones did not break. version 'rand' (randomized defenses): APGD-CE and APGD-DLR,
-    each with EOT over 20 draws. Models with fewer than 10 classes get n_classes - 1 target classes. The
-    package seeds torch's RNG with `seed` and clears sys.settrace; both are restored afterwards.
+    each with EOT over 20 draws. The keyword arguments set that budget (their defaults are the package's
+    standard values, 100 iterations for every APGD and FAB); models with fewer classes than target_classes + 1
+    get n_classes - 1 target classes. The package seeds torch's RNG with `seed` and clears sys.settrace; both
+    are restored afterwards.
     """
     _check_inputs(x, y, eps)
     _check_count("batch_size", batch_size)
@@ -256,8 +259,15 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, v
         if n_classes < needed:
             raise UserError(f"AutoAttack {version!r} needs at least {needed} classes, the model has {n_classes}")
         adversary = AutoAttack(model, eps=eps, version=version, seed=seed, device=x.device)
-        adversary.apgd_targeted.n_target_classes = min(9, n_classes - 1)
-        adversary.fab.n_target_classes = min(9, n_classes - 1)
+        adversary.fab.n_iter = iterations
+        for apgd in (adversary.apgd, adversary.apgd_targeted):  # APGD derives its step-size checkpoints in __init__
+            apgd.n_iter = apgd.n_iter_orig = iterations
+            apgd.n_iter_2, apgd.n_iter_min, apgd.size_decr = (max(int(f * iterations), 1) for f in (0.22, 0.06, 0.03))
+        adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = min(target_classes,
+                                                                                         n_classes - 1)
+        adversary.square.n_queries = square_queries
+        if version == "rand":
+            adversary.apgd.eot_iter = eot_iter
         try:
             x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
         finally:

@@ -75,7 +75,8 @@ def craft(column: str, defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: 
     generator = torch.Generator(device=x.device).manual_seed(seed)
     if column.startswith(AUTOATTACK):
         version = column.removeprefix(AUTOATTACK)
-        return autoattack(defense, x, y, cfg.eps, version, seed=seed % 2**31, batch_size=len(x))
+        return autoattack(defense, x, y, cfg.eps, version, seed=seed % 2**31, batch_size=len(x),
+                          **cfg.autoattack.budget.model_dump())
     if column == "square":
         return square_attack(defense, x, y, cfg.eps, cfg.square.queries, cfg.square.p_init, generator)
     p = cfg.pgd

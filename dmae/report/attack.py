@@ -15,7 +15,7 @@ import torch
 from dmae.defense.robustness import AUTOATTACK, SWEEP, Row, column_examples, columns, sigma_label, sweep_columns
 from dmae.report.document import Block, Figure, Heading, Paragraph, Table, to_json, to_markdown
 from dmae.models.architectures import ARCHITECTURES
-from dmae.settings import AttackSettings, NoiseSettings, Params
+from dmae.settings import STANDARD_BUDGET, AttackSettings, AutoAttackBudget, NoiseSettings, Params
 from dmae.util.figures import image_grid, save_figure
 from dmae.util.io import atomic_write_text, write_json, write_tsv
 
@@ -165,6 +165,15 @@ def _noise(noise: NoiseSettings) -> str:
             "gamma": f"σ ~ Gamma({noise.shape:g}, {noise.scale:g}){unit} per image"}[noise.dist]
 
 
+def budget_note(budget: AutoAttackBudget) -> str:
+    """'' at the standard budget; else which keys were reduced, with their standard values."""
+    if not (reduced := budget.reduced()):
+        return ""
+    shown = ", ".join(f"{key.replace('_', ' ')} {getattr(budget, key)} (standard {STANDARD_BUDGET[key]})"
+                      for key in reduced)
+    return f", with a REDUCED budget: {shown}, so its accuracies overstate robustness"
+
+
 def this_run(params: Params, examples: int) -> dict[str, str]:
     """This run's values of the NIM_PAPER rows."""
     cfg, arch = params.attack, ARCHITECTURES[params.model.preset]
@@ -182,7 +191,7 @@ def this_run(params: Params, examples: int) -> dict[str, str]:
         "attacks": f"FGSM; PGD {cfg.pgd.steps} steps of {sigma_label(cfg.pgd.step_size)}"
                    f"{', random start' if cfg.pgd.random_start else ''}, also with EOT-{cfg.eot} and BPDA; gray-box; "
                    f"Square ({cfg.square.queries} queries); "
-                   + (f"AutoAttack {' and '.join(aa.versions)} ({', '.join(aa.classifiers)})"
+                   + (f"AutoAttack {' and '.join(aa.versions)} ({', '.join(aa.classifiers)}){budget_note(aa.budget)}"
                       if aa.versions and aa.test_sigmas and aa.classifiers else "no AutoAttack"),
         "test σ": ", ".join(map(sigma_label, cfg.test_sigmas)),
         "examples": f"{examples}" + (f" (AutoAttack: {column_examples(cfg, AUTOATTACK, examples)})"
@@ -219,7 +228,7 @@ def section(rows: list[Row], params: Params, examples: int, figures: list[str]) 
     p, aa = cfg.pgd, cfg.autoattack
     autoattack = (f"AutoAttack {' and '.join(aa.versions)} (pyautoattack) on the first "
                   f"{column_examples(cfg, AUTOATTACK, examples)} examples, for {', '.join(aa.classifiers)} at test σ "
-                  f"{', '.join(map(sigma_label, aa.test_sigmas))} (— elsewhere)"
+                  f"{', '.join(map(sigma_label, aa.test_sigmas))} (— elsewhere){budget_note(aa.budget)}"
                   if aa.versions and aa.test_sigmas and aa.classifiers else "AutoAttack not run")
     return [
         Heading("Adversarial robustness: NIM / De³ (denoise, then classify)"),

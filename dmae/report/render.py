@@ -79,23 +79,29 @@ def _certify_settings(inputs: ReportInputs) -> dict | None:
     return found[0] if found else None
 
 
+def radius_cap_text(top: float, n: str) -> str:
+    """What the highest reachable lower bound on pA, `top` (every sample agreeing), allows."""
+    if top < 0.5:
+        return (f"with these, NO radius can be certified: even if every sample agrees, the lower bound on pA is "
+                f"{top:.3f} < 1/2, so every image abstains ({n} is too small for α)")
+    return f"with these, no certified radius can exceed {norm.ppf(top):.2f} σ"
+
+
 def overview(inputs: ReportInputs) -> list[Block]:
     s = inputs.summary
     text = (f"Data set: {inputs.dataset}; {s.examples} test examples certified at each "
             f"σ ∈ {{{', '.join(f'{sigma:g}' for sigma in s.runs)}}}.")
     c = _certify_settings(inputs)
     if c and c.get("method", "cohen") == "cohen":
-        cap = norm.ppf(c["alpha"] ** (1 / c["n"]))
         text += (f" Certification (CERTIFY of Cohen et al.): N0 = {c['n0']}, N = {c['n']}, α = {c['alpha']:g}; "
-                 f"with these, no certified radius can exceed {cap:.2f} σ.")
+                 f"{radius_cap_text(c['alpha'] ** (1 / c['n']), 'N')}.")
     elif c:
-        cap = norm.ppf((c["alpha"] * FINAL_SHARE) ** (1 / c["n_max"]))
         text += (f" Certification: adaptive CERTIFY, N0 = {c['n0']}, at most N = {c['n_max']} estimation samples "
                  f"per image, α = {c['alpha']:g}. Each image is sampled in looks of {FIRST_LOOK}, "
                  f"{2 * FIRST_LOOK}, {4 * FIRST_LOOK}, ... samples and stops once the confidence interval of pA "
                  f"lies between two consecutive radii of the table (or rules out radius 0); the error budget α is "
                  f"split over the looks, so each certificate holds with probability at least 1 − α whatever the "
-                 f"stopping time. No certified radius can exceed {cap:.2f} σ.")
+                 f"stopping time; {radius_cap_text((c['alpha'] * FINAL_SHARE) ** (1 / c['n_max']), 'N')}.")
     return [Heading(TITLE, 1), Paragraph(text), Paragraph(DEFINITIONS)]
 
 
