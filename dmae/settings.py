@@ -343,8 +343,9 @@ STANDARD_BUDGET = {"iterations": 100, "target_classes": 9, "square_queries": 500
 
 
 class AutoAttackSettings(Section):
-    """AutoAttack (pyautoattack) on the first `examples` attack examples, for the classifiers in `classifiers` at
-    the test sigmas in `test_sigmas` (a classifier without a denoiser has the one row at sigma 0)."""
+    """AutoAttack (pyautoattack) on `examples` of the attack examples (those drawn first: a random subset), for the
+    classifiers in `classifiers` at the test sigmas in `test_sigmas` (a classifier without a denoiser has the one
+    row at sigma 0)."""
 
     versions: list[Literal["standard", "rand"]]
     examples: Count | Literal["all"]  # all: every attack example
