@@ -16,8 +16,32 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+from PIL import Image
 
 INTERPOLATION = "bicubic"  # of the crop and RandAugment's geometric operations (MAE, DMAE and NIM)
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize as it ran up to Pillow 12: keeping 0 bits gives a black image. Pillow 13 refuses 0 bits,
+    which timm's PosterizeIncreasing asks for at magnitude 10 (m9 + magnitude noise reaches it)."""
+    from timm.data.auto_augment import posterize
+
+    return img.point(lambda _: 0) if bits_to_keep <= 0 else posterize(img, bits_to_keep, **kwargs)
+
+
+def randaugment(policy: str, image_size: int, mean: Sequence[float]) -> Callable:
+    """timm's RandAugment with the hparams timm's create_transform gives it (translation up to 45 % of the size,
+    the data set's mean as fill colour, bicubic), its posterize ops made safe for Pillow 13 (_posterize)."""
+    from timm.data.auto_augment import posterize, rand_augment_transform
+    from timm.data.transforms import str_to_pil_interp
+
+    hparams = {"translate_const": int(image_size * 0.45), "img_mean": tuple(min(255, round(255 * m)) for m in mean),
+               "interpolation": str_to_pil_interp(INTERPOLATION)}
+    transform = rand_augment_transform(policy, hparams)
+    for op in transform.ops:
+        if op.aug_fn is posterize:
+            op.aug_fn = _posterize
+    return transform
 
 
 class NormalizedErasing:
@@ -47,8 +71,7 @@ def training_transform(image_size: int, mean: Sequence[float], std: Sequence[flo
     images stored at their size); `mean`/`std` are the data set's normalization (RandAugment's fill colour and
     the erasing's normalized space, as timm takes them). The keyword options are params `augment` (settings.py).
     """
-    from timm.data.auto_augment import rand_augment_transform
-    from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_interp
+    from timm.data.transforms import RandomResizedCropAndInterpolation
     from torchvision import transforms as T
 
     if crop_scale is None:
@@ -59,10 +82,7 @@ def training_transform(image_size: int, mean: Sequence[float], std: Sequence[flo
     if hflip > 0:
         steps.append(T.RandomHorizontalFlip(hflip))
     if rand_augment:
-        hparams = {"translate_const": int(image_size * 0.45),  # timm's create_transform passes these
-                   "img_mean": tuple(min(255, round(255 * m)) for m in mean),
-                   "interpolation": str_to_pil_interp(INTERPOLATION)}
-        steps.append(rand_augment_transform(rand_augment, hparams))
+        steps.append(randaugment(rand_augment, image_size, mean))
     steps.append(T.ToTensor())
     if erase_prob > 0:
         steps.append(NormalizedErasing(erase_prob, erase_mode, erase_count, mean, std))
