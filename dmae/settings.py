@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WrapSerializer,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError,
+                      WrapSerializer, model_validator)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dmae.models.architectures import ARCHITECTURES
@@ -38,6 +38,15 @@ Sigma = Annotated[float, Number, Field(gt=0, le=10)]  # a noise level in [0,1] p
 Radius = Annotated[float, Number, Field(ge=0, le=100)]
 LearningRate = Annotated[float, Number, Field(gt=0, le=10)]
 Precision = Literal["fp32", "bf16"]
+
+
+def _count_or_all(value):
+    if value == "all" or type(value) is int and 1 <= value <= 10**9:
+        return value
+    raise ValueError("expected a count (an integer >= 1) or all")
+
+
+CountOrAll = Annotated[int | Literal["all"], PlainValidator(_count_or_all)]
 
 
 class Section(BaseModel):
@@ -348,7 +357,7 @@ class AutoAttackSettings(Section):
     row at sigma 0)."""
 
     versions: list[Literal["standard", "rand"]]
-    examples: Count | Literal["all"]  # all: every attack example
+    examples: CountOrAll  # all: every attack example
     classifiers: list[Name]  # keys of defense.classifiers
     test_sigmas: list[Annotated[float, Number, Field(ge=0, le=10)]]  # a subset of attack.test_sigmas
     budget: AutoAttackBudget
@@ -357,7 +366,7 @@ class AutoAttackSettings(Section):
 class AttackSettings(Section):
     """l-infinity attacks on every classifier of defense.classifiers, through its defense at each test sigma."""
 
-    examples: Count | Literal["all"]  # a seeded subset of the test split, or all of it
+    examples: CountOrAll  # a seeded subset of the test split, or all of it
     batch_size: Count
     test_sigmas: list[Annotated[float, Number, Field(ge=0, le=10)]]
     eps: Probability
