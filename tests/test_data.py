@@ -22,6 +22,11 @@ from dmae.data.cifar10 import safe_unpickle
 from dmae.util.errors import UserError
 
 
+FLIP = {"crop_scale": None, "crop_ratio": None, "hflip": 0.5, "rand_augment": None, "erase_prob": 0.0,
+        "erase_mode": "const", "erase_count": 1}
+PAPER = {**FLIP, "crop_scale": (0.08, 1.0), "crop_ratio": (0.75, 4 / 3), "rand_augment": "rand-m9-mstd0.5-inc1"}
+
+
 def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
@@ -58,7 +63,7 @@ def test_digits_items_and_stratification(digits_dir):
         x, y = ds[0]
         assert len(ds) == n and x.dtype == torch.float32 and x.shape == (1, 16, 16)
         assert 0 <= x.min() and x.max() <= 1 and isinstance(y, int)
-    for augment in ("flip", "rrc_flip"):
+    for augment in (FLIP, PAPER):
         x, _ = load_split(digits_dir, "train", augment=augment)[3]
         assert x.shape == (1, 16, 16) and 0 <= x.min() and x.max() <= 1
 
@@ -308,7 +313,7 @@ def test_imagenet_index_classes_and_subsets(tmp_path):
     all_val = sorted(f"val/{w}/{w}_{i}.{'PNG' if i % 2 else 'JPEG'}" for w in sorted(WNIDS) for i in range(5))
     assert [rel for rel, _ in test] == all_val[::2]
 
-    for augment in ("none", "flip", "rrc_flip"):
+    for augment in (None, FLIP, PAPER):
         ds = load_split(tmp_path / "out", "train", augment=augment)
         x, y = ds[0]
         assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
