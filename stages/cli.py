@@ -8,6 +8,7 @@ the library (each costs seconds), and `dvc repro` starts one process per stage. 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import typer
@@ -32,7 +33,7 @@ COMMANDS = {  # command -> module:function
 }
 HELP = ("dmae: denoising (masked) autoencoders for certified and adversarial robustness.\n\n"
         "Each command is one DVC stage; `dvc repro` runs them in order. Settings come from params.yaml; "
-        "DMAE_DEVICE, DMAE_WORKERS, DMAE_PROGRESS and DMAE_STATE_DIR tune the machine.")
+        "DMAE_DEVICE, DMAE_NPROC, DMAE_WORKERS, DMAE_PROGRESS and DMAE_STATE_DIR tune the machine.")
 
 
 def build(names) -> typer.Typer:
@@ -47,8 +48,26 @@ def build(names) -> typer.Typer:
     return app
 
 
+DISTRIBUTED = {"pretrain", "finetune", "certify", "finetune-defense", "finetune-chain", "certify-chain"}
+
+
+def launch_processes(command: str) -> None:
+    """With DMAE_NPROC > 1, replace this process by torchrun running the same command in that many processes
+    (the training and certification stages; 1 GPU each on CUDA, gloo on CPU). Under torchrun, nothing."""
+    nproc = os.environ.get("DMAE_NPROC", "1")
+    if command not in DISTRIBUTED or "LOCAL_RANK" in os.environ or nproc in ("", "1"):
+        return
+    if not nproc.isdigit() or int(nproc) < 1:
+        print(f"error: DMAE_NPROC={nproc!r}: expected a whole number of processes >= 1", file=sys.stderr)
+        sys.exit(2)
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc-per-node={nproc}", "-m", "stages.cli", *sys.argv[1:]])
+
+
 def main() -> None:
     wanted = [sys.argv[1]] if len(sys.argv) > 1 and sys.argv[1] in COMMANDS else list(COMMANDS)
+    if len(wanted) == 1:
+        launch_processes(wanted[0])
     build(wanted)()
 
 
