@@ -160,6 +160,32 @@ def test_imagenet_de3_classifiers_train_with_nims_augmentation(name):
     assert load_params(PRESETS / f"{name}.yaml").defense_finetune().augment == NIM_FINETUNE_AUGMENT
 
 
+def test_the_readmes_linear_probe_overrides_give_maes_probe():
+    """README.md "The linear probe": the `dvc exp run -S` overrides on an ImageNet preset validate, and the probe
+    is MAE's: frozen encoder, BatchNorm1d without affine + Linear, LARS, blr 0.1, batch 16384, 90 epochs."""
+    from timm.optim import Lars
+
+    from dmae.train.finetune import FinetuneStep, noisy_inputs
+
+    readme = (PRESETS.parent / "README.md").read_text()
+    command = readme[readme.index("dvc exp run -S finetune.mode=linear_probe"):].split("```")[0]
+    overrides = [arg.split("=", 1) for arg in command.split() if "=" in arg]
+    assert len(overrides) == 15
+    raw = _raw("imagenet-dmae-vit-b-released")
+    for key, value in overrides:
+        *sections, leaf = key.split(".")
+        target = raw
+        for section in sections:
+            target = target[section]
+        target[leaf] = yaml.safe_load(value)
+    cfg = Params.model_validate(raw).finetune
+    assert (cfg.mode, cfg.base_lr, cfg.batch_size, cfg.epochs, cfg.weight_decay) == ("linear_probe", 0.1, 16384, 90, 0)
+    assert cfg.augment == MAE_FINETUNE_AUGMENT.model_copy(update={"rand_augment": None})
+    model = Classifier(Params.model_validate(raw).model.model_copy(update={"preset": "tiny"}).config(
+        META["imagenet"]), 1000, cfg.mode)
+    assert isinstance(FinetuneStep(cfg, noisy_inputs(cfg, 0.5), model, [], torch.device("cpu")).optimizer(model), Lars)
+
+
 def test_dmae_presets_add_no_extra_pretraining():
     """Their De^3 section uses the DMAE model itself as the denoiser, so `dvc repro` pretrains one model."""
     for name in NAMES:
