@@ -39,7 +39,6 @@ BAD = [
     ({"defense": {"finetune": {"epochs": {0.25: 5}, "consistency": {"enabled": False}}}},
      "defense.finetune.epochs: the De^3 classifiers"),
     ({"data": {"val_fraction": -0.1}}, "data.val_fraction = -0.1"),
-    ({"data": {"val_fraction": 1.0}}, "data.val_fraction = 1.0"),
     ({"data": {"val_fraction": True}}, "data.val_fraction = True"),
     ({"certify": {"test_every": 0}}, "certify.test_every = 0"),
     ({"pretrain": {"augment": "rrc_flip"}}, "pretrain.augment = 'rrc_flip': expected none or a section"),
