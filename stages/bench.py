@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -129,3 +130,20 @@ def denoisers(
             f"{1000 * denoising_mse(model, images, s, how.norm_pix_loss, how.reconstruct_groups):.1f}"
             for s in sigmas) + " |")
     say("\n".join(lines))
+
+
+@user_errors
+def input_pipeline(
+    images: int = typer.Option(200, min=1, help="Fabricated JPEGs to read per round."),
+    rounds: int = typer.Option(3, min=1, help="Rounds per case (the best counts)."),
+    out: Path = typer.Option(Path("bench-input.md"), help="Markdown tables."),
+) -> None:
+    """The ImageNet input pipeline per CPU core (decode + each stage's transforms) on fabricated JPEGs of
+    ImageNet's size and quality, and the cores per GPU each preset's training needs to keep up."""
+    from tools.input_bench import fabricate_jpegs, markdown, measure
+
+    with tempfile.TemporaryDirectory(prefix="dmae-input-") as folder:
+        jpegs = fabricate_jpegs(Path(folder), images)
+        table = f"{machine(torch.device('cpu'))['cpu']}\n\n" + markdown(measure(jpegs, rounds), jpegs)
+    atomic_write_text(out, table)
+    say(table)

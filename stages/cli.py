@@ -27,9 +27,11 @@ COMMANDS = {  # command -> module:function
     "report": "stages.report:main",
     "import-checkpoint": "stages.import_checkpoint:main",
     "use-preset": "stages.use_preset:main",
+    "rehearse": "stages.rehearse:main",
     "bench": "stages.bench:main",
     "bench-methods": "stages.bench:methods",
     "bench-denoisers": "stages.bench:denoisers",
+    "bench-input": "stages.bench:input_pipeline",
 }
 HELP = ("dmae: denoising (masked) autoencoders for certified and adversarial robustness.\n\n"
         "Each command is one DVC stage; `dvc repro` runs them in order. Settings come from params.yaml; "
