@@ -147,3 +147,23 @@ def input_pipeline(
         table = f"{machine(torch.device('cpu'))['cpu']}\n\n" + markdown(measure(jpegs, rounds), jpegs)
     atomic_write_text(out, table)
     say(table)
+
+
+@user_errors
+def pipeline(
+    params_path: Path = PARAMS_OPTION,
+    out: Path = typer.Option(Path("bench-pipeline.md"), help="Markdown table; the measurements go beside it as "
+                                                               ".json."),
+) -> None:
+    """Run `dvc repro` of the params file in a fresh copy of the project and measure every stage: seconds,
+    start-up seconds (process start to its main work), work in FLOPs and the share of this machine's fp32 peak.
+    Take it with nothing else running."""
+    from tools.pipeline_bench import markdown, run
+
+    load_params(params_path)  # a bad file fails here, before the copy
+    report = run(Path.cwd(), params_path)
+    report["machine"] = machine(torch.device("cpu"))
+    table = f"{report['machine']['cpu']}\n\n" + markdown(report)
+    atomic_write_text(out, table)
+    write_json(out.with_suffix(".json"), report)
+    say(table)

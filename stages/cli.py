@@ -32,6 +32,7 @@ COMMANDS = {  # command -> module:function
     "bench-methods": "stages.bench:methods",
     "bench-denoisers": "stages.bench:denoisers",
     "bench-input": "stages.bench:input_pipeline",
+    "bench-pipeline": "stages.bench:pipeline",
 }
 HELP = ("dmae: denoising (masked) autoencoders for certified and adversarial robustness.\n\n"
         "Each command is one DVC stage; `dvc repro` runs them in order. Settings come from params.yaml; "

@@ -87,7 +87,12 @@ def write_settings(path: Path, settings: dict) -> None:
 
 def work_state(stage: str, output: Path, settings: dict, inputs: list[Path]) -> WorkState:
     """The work in progress of `output` (use as a context manager): locked, and resumed only by a run with the
-    same settings, the same inputs (content hashes of the models and data it reads) and the same code."""
+    same settings, the same inputs (content hashes of the models and data it reads) and the same code.
+
+    An input that does not exist is a UserError here, before anything (a lock, a fingerprint) is written."""
+    if missing := [p for p in inputs if not Path(p).exists()]:
+        raise UserError(f"{missing[0]} not found: {output} is made from it; run the stages before this one "
+                        f"first (`dvc repro` runs them in order)")
     fingerprint = {"settings": settings, "inputs": {str(p): content_hash(p) for p in inputs},
                    "code": code_version(Path(dmae.__file__).parent, Path(stages.__file__).parent)}
     return WorkState(Path(os.environ.get("DMAE_STATE_DIR", STATE_ROOT)), stage, output, fingerprint)

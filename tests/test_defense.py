@@ -110,7 +110,8 @@ def test_evaluate_is_deterministic_and_copies_what_is_equal_without_noise(parts)
                      on_column=lambda column, accuracy, seconds: run.append(column))
     assert plain.accuracy["gray_pgd"] == plain.accuracy["white_pgd"]
     assert plain.accuracy["white_fgsm_eot"] == plain.accuracy["white_fgsm"]
-    assert run == ["clean", "white_fgsm", "white_pgd", "square", "sweep_pgd_0", "sweep_pgd_0.5"]
+    assert run == ["clean", "white_fgsm", "white_pgd", "square", "sweep_pgd_0.5"]
+    assert plain.accuracy["sweep_pgd_0"] == plain.accuracy["clean"]  # PGD with eps 0 is not run: the clean image
 
     noisy = Defense(denoiser, classifier, 0.25)
     runs = [evaluate_defense(noisy, x, y, ATTACK, key=("c", 0.25), keep=2) for _ in range(2)]
@@ -125,14 +126,14 @@ def test_autoattack_runs_on_the_first_examples_at_its_test_sigmas_only(parts, mo
     denoiser, classifier, x, y = parts
     seen = []
 
-    def fake_autoattack(model, xb, yb, eps, version, seed, batch_size, **budget):
+    def fake_autoattack(model, xb, yb, eps, version, seed, batch_size, warnings, **budget):
         assert budget == cfg.autoattack.budget.model_dump()  # the params' budget reaches the attack
         seen.append((version, len(xb)))
         return xb + (torch.arange(len(xb)) % 2 == 1).float()[:, None, None, None]  # odd ones: moved away
 
     monkeypatch.setattr(robustness, "autoattack", fake_autoattack)
-    monkeypatch.setattr(robustness, "robust_accuracy",  # correct unless moved
-                        lambda model, x_adv, yb: float((x_adv.flatten(1).amax(1) <= 1).float().mean()))
+    monkeypatch.setattr(robustness, "correct_per_draw",  # correct unless moved
+                        lambda model, x_adv, yb, draws: [int((x_adv.flatten(1).amax(1) <= 1).sum())] * draws)
     cfg = settings("attack", examples=4, batch_size=2, test_sigmas=[0.0, 0.25, 0.5], eot=1, draws=2,
                    pgd={"steps": 1}, square={"queries": 2}, eps_sweep=[],
                    autoattack={"versions": ["standard", "rand"], "examples": 3, "classifiers": ["c"],

@@ -378,6 +378,9 @@ def test_sanity_checks_flag_only_beyond_the_error_bars():
     flagged = [c[0].split(" (")[0] for c in checks if c[2] != "63.8/255" and c[-1] == "FLAG"]
     assert len(flagged) == 4, checks  # near 0, gray-box, Square, EOT (0.55 -> 0.6 is within the bars)
     assert sanity_checks(rows, cfg, 4)[-1][-1] == "pass"  # 4 examples: 0.9 vs 0.55 is within the error bar
+    warned = Row("nim", 0.25, True, good, good, 0.01, ("square: Square Attack has decreased the robust accuracy",))
+    assert sanity_checks([warned], cfg, 256)[-1] == ["Square reports: Square Attack has decreased the robust "
+                                                     "accuracy", "nim", "63.8/255", "50.0", "WARN"]
 
 
 def test_overview_says_when_n_is_too_small_to_certify_any_radius():

@@ -32,7 +32,7 @@ from typing import Callable, Literal
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from dmae.defense.attacks import autoattack, fgsm, pgd, robust_accuracy, square_attack
+from dmae.defense.attacks import autoattack, correct_per_draw, fgsm, pgd, square_attack
 from dmae.defense.chain import Defense, StraightThrough
 from dmae.models.architectures import ModelConfig
 from dmae.models.autoencoder import load_autoencoder
@@ -69,15 +69,16 @@ def sweep_columns(cfg: AttackSettings) -> dict[str, float]:
 
 
 def craft(column: str, defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: AttackSettings,
-          seed: int) -> torch.Tensor:
-    """The examples of one column (the clean ones for 'clean'); random draws from `seed`."""
+          seed: int, warnings: list[str] | None = None) -> torch.Tensor:
+    """The examples of one column (the clean ones for 'clean'); random draws from `seed`. AutoAttack's own
+    reliability warnings are appended to `warnings`."""
     if column == "clean":
         return x
     generator = torch.Generator(device=x.device).manual_seed(seed)
     if column.startswith(AUTOATTACK):
         version = column.removeprefix(AUTOATTACK)
         return autoattack(defense, x, y, cfg.eps, version, seed=seed % 2**31, batch_size=len(x),
-                          **cfg.autoattack.budget.model_dump())
+                          warnings=warnings, **cfg.autoattack.budget.model_dump())
     if column == "square":
         return square_attack(defense, x, y, cfg.eps, cfg.square.queries, cfg.square.p_init, generator)
     p = cfg.pgd
@@ -102,6 +103,7 @@ class Evaluation:
     worst: dict[str, float | None]  # column -> accuracy of the worst draw
     mse: float | None  # mean squared error of the denoised clean images against them (None: no denoiser)
     shown: torch.Tensor | None  # the first examples of the SHOWN attack, when asked for
+    warnings: list[str]  # "column: message" for each reliability warning AutoAttack gave, once each
 
 
 def evaluate_defense(defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: AttackSettings, key: tuple, keep: int = 0,
@@ -122,7 +124,7 @@ def evaluate_defense(defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: At
     ranks = torch.arange(len(x)) if ranks is None else ranks
     accuracy: dict[str, float | None] = {}
     worst: dict[str, float | None] = {}
-    shown = None
+    shown, warnings = None, []
     for column in columns(cfg):
         if deterministic and column in SAME_WHEN_DETERMINISTIC:
             accuracy[column] = accuracy[SAME_WHEN_DETERMINISTIC[column]]
@@ -130,6 +132,9 @@ def evaluate_defense(defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: At
             continue
         if column.startswith(AUTOATTACK) and column not in autoattack:
             accuracy[column] = worst[column] = None
+            continue
+        if sweep_columns(cfg).get(column) == 0:  # PGD in a ball of radius 0 is the clean image
+            accuracy[column], worst[column] = accuracy["clean"], worst["clean"]
             continue
         n = column_examples(cfg, column, len(x))
         xs, ys = (x, y) if n == len(x) else (x[ranks < n], y[ranks < n])  # AutoAttack: a random subset
@@ -139,10 +144,11 @@ def evaluate_defense(defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: At
             xb, yb = xs[start:stop].to(device), ys[start:stop].to(device)
             seed = derive_seed(cfg.seed, *key, column, b)
             torch.manual_seed(seed)
-            x_adv = craft(column, defense, xb, yb, cfg, seed)
-            for d in range(draws):
-                torch.manual_seed(derive_seed(seed, "evaluate", d))
-                correct[d] += round(robust_accuracy(defense, x_adv, yb) * len(yb))  # one draw: a count
+            said: list[str] = []
+            x_adv = craft(column, defense, xb, yb, cfg, seed, said)
+            warnings += [w for w in (f"{column}: {m}" for m in said) if w not in warnings]
+            torch.manual_seed(derive_seed(seed, "evaluate"))
+            correct = [c + hits for c, hits in zip(correct, correct_per_draw(defense, x_adv, yb, draws))]
             if column == SHOWN and keep > sum(map(len, kept)):
                 kept.append(x_adv)
         accuracy[column], worst[column] = sum(correct) / (draws * n), min(correct) / n
@@ -150,7 +156,8 @@ def evaluate_defense(defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: At
             shown = torch.cat(kept)[:keep]
         if on_column:
             on_column(column, accuracy[column], time.perf_counter() - t0)
-    return Evaluation(accuracy, worst, None if deterministic else denoising_error(defense, x, cfg, key), shown)
+    return Evaluation(accuracy, worst, None if deterministic else denoising_error(defense, x, cfg, key), shown,
+                      warnings)
 
 
 @torch.no_grad()
@@ -191,6 +198,7 @@ class Row:
     accuracy: dict[str, float | None]  # mean over the noise draws
     worst: dict[str, float | None]  # the worst draw
     mse: float | None  # denoising error on the clean images (None without noise)
+    warnings: tuple[str, ...] = ()  # AutoAttack's reliability warnings ("column: message")
 
 
 def sigma_label(sigma: float) -> str:
@@ -250,10 +258,10 @@ def evaluate_chains(chains: list[Chain], model_cfg: ModelConfig, num_classes: in
                                               autoattack=tuple(cfg.autoattack_columns(chain.name, sigma)),
                                               ranks=ranks)
                     done[key] = {"accuracy": result.accuracy, "worst": result.worst, "mse": result.mse,
-                                 "shown": result.shown}
+                                 "shown": result.shown, "warnings": result.warnings}
                     save_state(state_path, done)
                 rows.append(Row(chain.name, sigma, denoiser is not None, done[key]["accuracy"], done[key]["worst"],
-                                done[key]["mse"]))
+                                done[key]["mse"], tuple(done[key]["warnings"])))
                 if keep:
                     adversarial = done[key]["shown"].to(device)
                     torch.manual_seed(derive_seed(cfg.seed, "figure", sigma))

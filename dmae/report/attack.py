@@ -101,6 +101,10 @@ def sanity_checks(rows: list[Row], cfg: AttackSettings, n: int) -> list[list[str
             out.append([f"EOT-{cfg.eot} not weaker than one draw per gradient", *where,
                         f"{pct(acc['white_pgd_eot'])} vs {pct(acc['white_pgd'])}",
                         "FLAG" if above(acc["white_pgd_eot"], acc["white_pgd"]) else "pass"])
+        for warning in r.warnings:
+            column, message = warning.split(": ", 1)
+            out.append([f"{labels(cfg).get(column, column)} reports: {message}", *where,
+                        pct(acc[column]) if acc.get(column) is not None else "—", "WARN"])
     return out
 
 
@@ -267,7 +271,8 @@ def section(rows: list[Row], params: Params, examples: int, figures: list[str]) 
         Paragraph("Signs that an attack works as intended on these defenses, and not against masked gradients: "
                   "accuracy falls with ε and vanishes for a large one, the white-box attacks are at least as strong "
                   "as the gray-box and black-box ones, and more EOT draws do not help the defense. FLAG means the "
-                  "difference lies beyond the 95 % intervals."),
+                  "difference lies beyond the 95 % intervals; WARN is one of AutoAttack's own reliability checks "
+                  "(Croce & Hein 2020), as the package printed it."),
         Table(["check", "classifier", "test σ", "accuracy (%)", "result"], sanity_checks(rows, cfg, examples),
               numeric=False),
         Figure(figures[0], "Accuracy against test-time noise σ, per threat model (dashed: undefended)."),
