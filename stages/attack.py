@@ -44,9 +44,9 @@ def main(
                             how.norm_pix_loss if how else True, how.reconstruct_groups if how else 1))
     inputs = [data, *sorted({p for c in chains for p in (c.classifier, c.denoiser) if p})]
     with work_state("attack", out, settings, inputs) as state:
-        x, y = attack_examples(load_split(data, "test"), cfg.examples, cfg.seed)
+        x, y, ranks = attack_examples(load_split(data, "test"), cfg.examples, cfg.seed, runtime.workers)
         rows, shown = evaluate_chains(chains, params.model.config(meta), meta["num_classes"], x, y, cfg,
-                                      device=device, state_path=state.path("rows.pt"), show=SHOW,
+                                      device=device, state_path=state.path("rows.pt"), ranks=ranks, show=SHOW,
                                       progress=runtime.progress)
         write_attack_outputs(rows, shown, params, len(x), out)
         write_settings(out / "settings.json", settings)

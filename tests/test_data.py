@@ -20,6 +20,11 @@ from dmae.util.errors import UserError
 from tools.fabricate import cifar10_files, imagenet_tree, official_pickle, write_cifar10_archive, write_cifar10_folder
 
 
+FLIP = {"crop_scale": None, "crop_ratio": None, "hflip": 0.5, "rand_augment": None, "erase_prob": 0.0,
+        "erase_mode": "const", "erase_count": 1}
+PAPER = {**FLIP, "crop_scale": (0.08, 1.0), "crop_ratio": (0.75, 4 / 3), "rand_augment": "rand-m9-mstd0.5-inc1"}
+
+
 def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
@@ -56,7 +61,7 @@ def test_digits_items_and_stratification(digits_dir):
         x, y = ds[0]
         assert len(ds) == n and x.dtype == torch.float32 and x.shape == (1, 16, 16)
         assert 0 <= x.min() and x.max() <= 1 and isinstance(y, int)
-    for augment in ("flip", "rrc_flip"):
+    for augment in (FLIP, PAPER):
         x, _ = load_split(digits_dir, "train", augment=augment)[3]
         assert x.shape == (1, 16, 16) and 0 <= x.min() and x.max() <= 1
 
@@ -248,7 +253,7 @@ def test_imagenet_index_classes_and_subsets(tmp_path):
     all_val = sorted(f"val/{w}/{w}_{i}.{'PNG' if i % 2 else 'JPEG'}" for w in sorted(WNIDS) for i in range(5))
     assert [rel for rel, _ in test] == all_val[::2]
 
-    for augment in ("none", "flip", "rrc_flip"):
+    for augment in (None, FLIP, PAPER):
         ds = load_split(tmp_path / "out", "train", augment=augment)
         x, y = ds[0]
         assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1

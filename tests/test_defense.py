@@ -157,6 +157,29 @@ def test_autoattack_runs_on_the_first_examples_at_its_test_sigmas_only(parts, mo
     assert seen == [] and high.accuracy["autoattack_standard"] is None and high.accuracy["autoattack_rand"] is None
 
 
+def test_attack_examples_all_or_a_seeded_count_and_autoattack_on_those_drawn_first(parts, monkeypatch):
+    """A class-sorted split (labels 0,0,...,9,9): `all` is every example in index order; a count is the first drawn
+    of the same seeded order, so AutoAttack's examples (ranks below its count) are a random subset of them."""
+    labels = torch.arange(40) // 4
+    split = torch.utils.data.TensorDataset(torch.rand(40, 1, 4, 4), labels)
+    x, y, ranks = robustness.attack_examples(split, "all", seed=3)
+    assert torch.equal(y, labels) and sorted(ranks.tolist()) == list(range(40))
+    few_x, few_y, few_ranks = robustness.attack_examples(split, 12, seed=3, workers=2)
+    assert torch.equal(few_x, x[ranks < 12]) and torch.equal(few_y, y[ranks < 12])
+    assert torch.equal(few_ranks, ranks[ranks < 12])
+    assert len(set(y[ranks < 5].tolist())) > 2  # the first five drawn are not the first classes
+
+    denoiser, classifier, xs, ys = parts
+    seen = []
+    monkeypatch.setattr(robustness, "autoattack", lambda model, xb, *args, **kwargs: seen.append(xb) or xb)
+    cfg = settings("attack", examples=4, batch_size=4, test_sigmas=[0.0], eot=1, draws=1, pgd={"steps": 1},
+                   square={"queries": 2}, eps_sweep=[], autoattack={"versions": ["standard"], "examples": 2,
+                                                                  "classifiers": ["c"], "test_sigmas": [0.0]})
+    evaluate_defense(Defense(denoiser, classifier, 0.0), xs, ys, cfg, key=("c", 0.0),
+                     autoattack=("autoattack_standard",), ranks=torch.tensor([3, 0, 2, 1]))
+    assert len(seen) == 1 and torch.equal(seen[0], xs[[1, 3]])  # ranks 0 and 1, in index order
+
+
 @pytest.mark.parametrize("raw, message", [
     ({"attack": {"eps": 1.5}}, "attack.eps = 1.5"),
     ({"attack": {"pgd": {"steps": 0}}}, "attack.pgd.steps = 0"),
@@ -164,6 +187,8 @@ def test_autoattack_runs_on_the_first_examples_at_its_test_sigmas_only(parts, mo
     ({"attack": {"autoattack": {"versions": ["fast"]}}}, "attack.autoattack.versions.0 = 'fast'"),
     ({"attack": {"autoattack": {"test_sigmas": [0.5]}}}, "autoattack.test_sigmas [0.5] are not in test_sigmas"),
     ({"attack": {"autoattack": {"examples": 65}}}, "autoattack.examples = 65 is more than examples = 64"),
+    ({"attack": {"examples": "every"}}, "attack.examples = 'every'"),
+    ({"attack": {"autoattack": {"examples": 0}}}, "attack.autoattack.examples = 0"),
     ({"attack": {"autoattack": {"versions": ["rand", "rand"]}}}, "autoattack.versions has duplicates"),
     ({"attack": {"autoattack": ["standard"]}}, "attack.autoattack"),
     ({"attack": {"autoattack": {"classifiers": ["vit"]}}}, "attack.autoattack.classifiers ['vit']: not keys of"),

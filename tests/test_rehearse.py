@@ -27,7 +27,8 @@ SIZES = {"cpu_threads", "data.val_fraction", "data.test_every"}  # keys besides 
 def flatten(raw: dict, prefix: str = "") -> dict[str, object]:
     out = {}
     for key, value in raw.items():
-        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value) and key != "budget":
+        section = isinstance(value, dict) and value and all(isinstance(k, str) for k in value)
+        if section and key not in ("budget", "augment"):  # these two compared whole
             out |= flatten(value, f"{prefix}{key}.")
         else:
             out[f"{prefix}{key}"] = value

@@ -212,7 +212,7 @@ def test_autoattack_cells_take_their_interval_over_the_autoattack_examples():
     # 0.5 over 64 examples: 38-62 (the other columns); over 16: centre 0.5,
     # half-width 1.96 sqrt(1/64 + 1.96^2/1024) / 1.2401 = 0.2200 -> 28-72
     assert "50.0 (38–62)" in text and "50.0 (28–72)" in text
-    assert "on the first 16 examples, for undefended, nim at test σ none" in text
+    assert "on 16 of them (a seeded subset), for undefended, nim at test σ none" in text
 
 
 def test_wilson_interval_against_hand_computed_values():

@@ -5,8 +5,8 @@ Counted per stage (F = forward FLOPs per image; training costs 3 F per image and
 - pretrain / denoiser@NAME: epochs x training images x 3 F(autoencoder at its mask ratio);
 - finetune@σ: epochs x images x 3 F(classifier) x m noisy copies (consistency regularization);
 - finetune_defense@NAME, finetune_chain@σ: epochs x images x (3 F(classifier) + F(denoising)) for denoised inputs;
-- certify@σ: test images x (N0 + N) x F(classifier); adaptive CERTIFY: at most N0 + n_max;
-- certify_chain@σ-CHAIN: its test images x (N0 + N) x (F(classifier) + F(denoising));
+- certify@σ: certified test images x (N0 + N) x F(classifier); adaptive CERTIFY: at most N0 + n_max;
+- certify_chain@σ-CHAIN: its images x (N0 + N) x (F(classifier) + F(denoising));
 - attack: per (classifier, test σ) row and example, the gradient evaluations of every attack (3 F each) and the
   forward passes of Square and of the evaluation draws; AutoAttack and Square stop early on broken examples, so
   this is an upper bound.
@@ -37,10 +37,12 @@ def denoising_flops(cfg: ModelConfig, params: Params, denoiser: str) -> float:
     return autoencoder_flops(cfg, 0.0) if groups == 1 else groups * autoencoder_flops(cfg, 1 - 1 / groups)
 
 
-def attack_flops(params: Params, classifier: float, denoise: dict[str, float]) -> float:
-    """Every (classifier, test σ) row of the attack stage on its examples, at most."""
+def attack_flops(params: Params, classifier: float, denoise: dict[str, float], test: int) -> float:
+    """Every (classifier, test σ) row of the attack stage on its examples (of the `test` images), at most."""
     a, aa = params.attack, params.attack.autoattack
     budget = aa.budget
+    examples = test if a.examples == "all" else min(a.examples, test)
+    aa_examples = examples if aa.examples == "all" else min(aa.examples, examples)
     total = 0.0
     for name, spec in params.defense.classifiers.items():
         for sigma in a.test_sigmas if spec.denoiser else [0.0]:
@@ -53,14 +55,14 @@ def attack_flops(params: Params, classifier: float, denoise: dict[str, float]) -
             columns = 1 + 8 + len(a.eps_sweep)
             per_example = (TRAIN_FACTOR * (white * chain + gray) + a.square.queries * chain
                            + (a.draws if random else 1) * columns * chain)
-            total += a.examples * per_example
+            total += examples * per_example
             for column in params.attack.autoattack_columns(name, sigma):
                 if column == "autoattack_standard":  # APGD-CE, APGD-T and FAB-T gradients, Square's queries
                     grads = budget.iterations * (1 + 2 * budget.target_classes)
                     cost = TRAIN_FACTOR * grads * chain + budget.square_queries * chain
                 else:  # 'rand': APGD-CE and APGD-DLR, each gradient averaged over eot_iter draws
                     cost = TRAIN_FACTOR * 2 * budget.iterations * budget.eot_iter * chain
-                total += min(aa.examples, a.examples) * cost
+                total += aa_examples * cost
     return total
 
 
@@ -70,6 +72,7 @@ def stage_flops(params: Params) -> dict[str, float]:
     train_all, test_all, classes = FULL_SIZES[params.data.dataset]
     train = train_all * (1 - params.data.val_fraction)
     test = math.ceil(test_all / params.data.test_every)
+    certified = math.ceil(test / params.certify.test_every)
     classify = classifier_flops(cfg, classes)
     denoisers = [MAIN_DENOISER, *params.defense.denoisers]
     denoise = {name: denoising_flops(cfg, params, name) for name in denoisers}
@@ -83,14 +86,14 @@ def stage_flops(params: Params) -> dict[str, float]:
     samples = c.n0 + (c.n if c.method == "cohen" else c.n_max)
     for sigma in params.sigmas:
         out[f"finetune@{sigma}"] = ft.epochs_at(sigma) * train * TRAIN_FACTOR * copies * classify
-        out[f"certify@{sigma}"] = test * samples * classify
+        out[f"certify@{sigma}"] = certified * samples * classify
     de3 = params.defense_finetune()
     for name, spec in params.defense.classifiers.items():
         extra = denoise[spec.denoiser] if spec.input == "denoised" else 0.0
         out[f"finetune_defense@{name}"] = de3.epochs * train * (TRAIN_FACTOR * classify + extra)
-    out["attack"] = attack_flops(params, classify, denoise)
+    out["attack"] = attack_flops(params, classify, denoise, test)
     chains = params.denoised_smoothing
-    chain_test = math.ceil(test / chains.test_every)
+    chain_test = math.ceil(certified / chains.test_every)
     for sigma in params.sigmas:
         out[f"finetune_chain@{sigma}"] = de3.epochs * train * (TRAIN_FACTOR * classify
                                                                + denoise[chains.finetune.denoiser])

@@ -28,7 +28,7 @@ from tools import fabricate
 
 TOY = {"classes": 5, "train_per_class": 16, "val_per_class": 4, "cifar_per_batch": 20}  # the fabricated data
 TOY_SIZES = {  # dotted key -> value; a training section's batch is set from its accumulation (see `shrink`)
-    "data.val_fraction": 0.2, "data.test_every": 2,
+    "data.test_every": 2, "certify.test_every": 1,
     "certify.n0": 4, "certify.n": 24, "certify.n_max": 48, "certify.batch_size": 16,
     "attack.examples": 2, "attack.batch_size": 2, "attack.pgd.steps": 2, "attack.eot": 2, "attack.draws": 2,
     "attack.square.queries": 4, "attack.autoattack.examples": 1,

@@ -14,12 +14,12 @@ import os
 
 from dmae.data import cifar10, digits, imagenet
 from dmae.data.common import SPLITS
-from dmae.data.loading import AUGMENTS, load_split, read_meta
+from dmae.data.loading import load_split, read_meta
 from dmae.util.errors import UserError
 
 PREPARERS = {"digits": digits.prepare, "cifar10": cifar10.prepare, "imagenet": imagenet.prepare}
 
-__all__ = ["AUGMENTS", "PREPARERS", "SPLITS", "load_split", "prepare_dataset", "read_meta"]
+__all__ = ["PREPARERS", "SPLITS", "load_split", "prepare_dataset", "read_meta"]
 
 
 def prepare_dataset(name: str, out_dir: str | os.PathLike, *, workers: int = 1, **options) -> dict:

@@ -9,7 +9,8 @@ For a defense D(x) = classifier(denoise(x + noise)) at test-time noise level sig
   ever passes through the denoiser;
 - black-box (`square`): Square, which only queries the defense's logits;
 - AutoAttack 'standard' and 'rand' (APGD with EOT over 20 draws, for randomized models) through the chain, on
-  the first `autoattack.examples` examples, for the classifiers and test sigmas of `autoattack` (None elsewhere);
+  `autoattack.examples` of the examples (those drawn first), for the classifiers and test sigmas of `autoattack`
+  (None elsewhere);
 - the eps sweep (`sweep_pgd_<eps>`): white-box PGD at each eps of `eps_sweep` (steps scaled to reach the ball's
   edge), for the sanity check that accuracy falls with eps and vanishes at a large one.
 Every column is evaluated over `draws` noise draws of the defense on the attacked examples (`clean`: on the clean
@@ -26,9 +27,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
+from torch.utils.data import DataLoader, Subset
 
 from dmae.defense.attacks import autoattack, correct_per_draw, fgsm, pgd, square_attack
 from dmae.defense.chain import Defense, StraightThrough
@@ -55,8 +57,10 @@ def columns(cfg: AttackSettings) -> list[str]:
 
 
 def column_examples(cfg: AttackSettings, column: str, examples: int) -> int:
-    """How many of the `examples` attack examples a column is evaluated on (AutoAttack: the first few)."""
-    return min(cfg.autoattack.examples, examples) if column.startswith(AUTOATTACK) else examples
+    """How many of the `examples` attack examples a column is evaluated on (AutoAttack: the first drawn)."""
+    if column.startswith(AUTOATTACK) and cfg.autoattack.examples != "all":
+        return min(cfg.autoattack.examples, examples)
+    return examples
 
 
 def sweep_columns(cfg: AttackSettings) -> dict[str, float]:
@@ -104,16 +108,20 @@ class Evaluation:
 
 def evaluate_defense(defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: AttackSettings, key: tuple, keep: int = 0,
                      on_column: Callable[[str, float, float], None] | None = None,
-                     autoattack: tuple[str, ...] = ()) -> Evaluation:
+                     autoattack: tuple[str, ...] = (), ranks: torch.Tensor | None = None) -> Evaluation:
     """Every column of `columns(cfg)` for `defense` on (x, y), in batches of cfg.batch_size; of the AutoAttack
     columns only those in `autoattack` (the others None).
 
     `key` (e.g. classifier name and sigma) keys the seeds; `keep` > 0 returns that many examples of the SHOWN
     attack; `on_column(column, accuracy, seconds)` runs after each column that was run (seconds: crafting and
-    evaluating it).
+    evaluating it). (x, y) may stay on the CPU (a whole validation split): batches move to the defense's device.
+    `ranks`: each example's rank in the seeded draw (attack_examples); AutoAttack takes those of rank below
+    autoattack.examples. Default: x is in draw order.
     """
     deterministic = defense.sigma == 0
     draws = 1 if deterministic else cfg.draws
+    device = _device(defense)
+    ranks = torch.arange(len(x)) if ranks is None else ranks
     accuracy: dict[str, float | None] = {}
     worst: dict[str, float | None] = {}
     shown, warnings = None, []
@@ -129,9 +137,11 @@ def evaluate_defense(defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: At
             accuracy[column], worst[column] = accuracy["clean"], worst["clean"]
             continue
         n = column_examples(cfg, column, len(x))
+        xs, ys = (x, y) if n == len(x) else (x[ranks < n], y[ranks < n])  # AutoAttack: a random subset
         t0, correct, kept = time.perf_counter(), [0] * draws, []
         for b, start in enumerate(range(0, n, cfg.batch_size)):
-            xb, yb = x[start:min(start + cfg.batch_size, n)], y[start:min(start + cfg.batch_size, n)]
+            stop = min(start + cfg.batch_size, n)
+            xb, yb = xs[start:stop].to(device), ys[start:stop].to(device)
             seed = derive_seed(cfg.seed, *key, column, b)
             torch.manual_seed(seed)
             said: list[str] = []
@@ -154,12 +164,17 @@ def evaluate_defense(defense: Defense, x: torch.Tensor, y: torch.Tensor, cfg: At
 def denoising_error(defense: Defense, x: torch.Tensor, cfg: AttackSettings, key: tuple) -> float:
     """Mean squared error (per pixel, [0,1] units) of the defense's denoised version of the clean images, over
     cfg.draws noise draws: how well its denoiser undoes the noise, whatever the classifier."""
-    total = 0.0
+    total, device = 0.0, _device(defense)
     for d in range(cfg.draws):
         torch.manual_seed(derive_seed(cfg.seed, *key, "mse", d))
-        total += sum(float(((defense.purify(x[i:i + cfg.batch_size])[1] - x[i:i + cfg.batch_size]) ** 2).sum())
-                     for i in range(0, len(x), cfg.batch_size))
+        for i in range(0, len(x), cfg.batch_size):
+            xb = x[i:i + cfg.batch_size].to(device)
+            total += float(((defense.purify(xb)[1] - xb) ** 2).sum())
     return total / (cfg.draws * x.numel())
+
+
+def _device(defense: Defense) -> torch.device:
+    return next(defense.classifier.parameters()).device
 
 
 # -- every classifier of the comparison --------------------------------------------------------------------------
@@ -190,26 +205,37 @@ def sigma_label(sigma: float) -> str:
     return "none" if sigma == 0 else f"{round(sigma * 255, 1):g}/255"
 
 
-def attack_examples(dataset, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded subset of n examples of `dataset` (all of them if it is smaller), in index order."""
+def attack_examples(dataset, n: int | Literal["all"], seed: int,
+                    workers: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first n (all if "all") of a seeded random order of `dataset`, in index order, on the CPU (read by
+    `workers` data-loader processes): images, labels and each one's rank in that order, so that the first drawn
+    are a random subset even of a class-sorted split (ImageNet val)."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(derive_seed(seed, "examples")))
-    chosen = sorted(order[:n].tolist())
-    return torch.stack([dataset[i][0] for i in chosen]), torch.tensor([int(dataset[i][1]) for i in chosen])
+    chosen = sorted(order[:None if n == "all" else n].tolist())
+    x, y = None, torch.empty(len(chosen), dtype=torch.long)
+    for start, (xb, yb) in zip(range(0, len(chosen), 256), DataLoader(Subset(dataset, chosen), batch_size=256,
+                                                                      num_workers=workers)):
+        x = torch.empty(len(chosen), *xb.shape[1:]) if x is None else x  # filled in place: 30 GB for ImageNet val
+        x[start:start + len(xb)], y[start:start + len(xb)] = xb, yb
+    rank = torch.empty(len(order), dtype=torch.long)
+    rank[order] = torch.arange(len(order))
+    return x, y, rank[chosen]
 
 
 def evaluate_chains(chains: list[Chain], model_cfg: ModelConfig, num_classes: int, x: torch.Tensor,
                     y: torch.Tensor, cfg: AttackSettings, *, device: torch.device, state_path: Path,
-                    show: int = 0, progress: bool = True) -> tuple[list[Row], dict[str, torch.Tensor]]:
-    """Every column of every chain: with a denoiser at each cfg.test_sigmas, else once, undefended.
+                    ranks: torch.Tensor | None = None, show: int = 0,
+                    progress: bool = True) -> tuple[list[Row], dict[str, torch.Tensor]]:
+    """Every column of every chain: with a denoiser at each cfg.test_sigmas, else once, undefended (`ranks`: as
+    evaluate_defense takes them).
 
     Resumes from `state_path` (the finished rows), saved after every row. Returns the rows and, for the figure,
     `show` clean examples and, for chain cfg.figure at every test sigma > 0, its white-box PGD-EOT examples with
     their noisy and denoised versions.
     """
     done = load_state(state_path) or {}  # finished rows: "name|sigma" -> {"accuracy", "shown"}
-    x, y = x.to(device), y.to(device)
     rows: list[Row] = []
-    shown = {"clean": x[:show]}
+    shown = {"clean": x[:show].to(device)}
     with progress_bar(progress, unit="row") as bar:
         task = bar.add_task("attack", status="", total=sum(
             len(cfg.test_sigmas) if c.denoiser else 1 for c in chains))
@@ -229,7 +255,8 @@ def evaluate_chains(chains: list[Chain], model_cfg: ModelConfig, num_classes: in
                 if key not in done:
                     result = evaluate_defense(defense, x, y, cfg, key=(chain.name, sigma), keep=keep,
                                               on_column=logged,
-                                              autoattack=tuple(cfg.autoattack_columns(chain.name, sigma)))
+                                              autoattack=tuple(cfg.autoattack_columns(chain.name, sigma)),
+                                              ranks=ranks)
                     done[key] = {"accuracy": result.accuracy, "worst": result.worst, "mse": result.mse,
                                  "shown": result.shown, "warnings": result.warnings}
                     save_state(state_path, done)

@@ -51,7 +51,7 @@ def attack_metrics(rows: list[Row]) -> dict:
     """{classifier: {sigma-S: {"mean": {column: accuracy}, "worst_draw": {...}, "worst_attack": a,
     "autoattack": {version: accuracy}, "denoising_mse": m}}}; columns that do not apply or were not run left out.
     worst_attack: the lowest mean accuracy over the attacks at the configured eps run on every example (not
-    clean, not the eps sweep, not AutoAttack, which sees only the first few)."""
+    clean, not the eps sweep, not AutoAttack, which sees only some)."""
     out: dict[str, dict] = {}
     for r in rows:
         mean = {k: v for k, v in r.accuracy.items() if v is not None}
@@ -230,9 +230,10 @@ def section(rows: list[Row], params: Params, examples: int, figures: list[str]) 
     names = labels(cfg)
     cols = columns(cfg)
     p, aa = cfg.pgd, cfg.autoattack
-    autoattack = (f"AutoAttack {' and '.join(aa.versions)} (pyautoattack) on the first "
-                  f"{column_examples(cfg, AUTOATTACK, examples)} examples, for {', '.join(aa.classifiers)} at test σ "
-                  f"{', '.join(map(sigma_label, aa.test_sigmas))} (— elsewhere){budget_note(aa.budget)}"
+    count = column_examples(cfg, AUTOATTACK, examples)
+    autoattack = (f"AutoAttack {' and '.join(aa.versions)} (pyautoattack) on {count} of them (a seeded subset), "
+                  f"for {', '.join(aa.classifiers)} at test σ {', '.join(map(sigma_label, aa.test_sigmas))} "
+                  f"(— elsewhere){budget_note(aa.budget)}"
                   if aa.versions and aa.test_sigmas and aa.classifiers else "AutoAttack not run")
     return [
         Heading("Adversarial robustness: NIM / De³ (denoise, then classify)"),

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dmae.util import distributed as dist
-from dmae.util.seeding import derive_seed
+from dmae.util.seeding import derive_seed, seeded_globally
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,9 @@ def epoch_batches(dataset: Dataset, batch_size: int, accum_steps: int, seed: int
 
 
 class KeyedAugmentation(Dataset):
-    """`dataset[i]` with torch's RNG seeded from a key for that one item (and restored afterwards), so a random
-    augmentation draws the same for a sample whether it is loaded in this process or in any data-loader worker."""
+    """`dataset[i]` with every global RNG seeded from a key for that one item (and restored afterwards), so a
+    random augmentation draws the same for a sample whether it is loaded in this process or in any data-loader
+    worker, and in a resumed run."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -75,8 +76,7 @@ class KeyedAugmentation(Dataset):
 
     def __getitem__(self, item: tuple[int, int]):
         index, key = item
-        with torch.random.fork_rng(devices=[]):  # the CPU generator only: CUDA's stays untouched
-            torch.default_generator.manual_seed(key)
+        with seeded_globally(key):
             return self.dataset[index]
 
 
