@@ -65,7 +65,10 @@ def check_sigma(sigma: float, sigmas: list[float]) -> None:
 
 
 def check_prepared(data: Path, params: Params) -> None:
-    """The prepared data set must be the one params.data describes (a stale data/prepared is refused)."""
+    """The prepared data set must exist and be the one params.data describes (a stale data/prepared is refused)."""
+    if not (data / "meta.json").is_file():
+        raise UserError(f"{data / 'meta.json'} not found; run the data preparation stage first (dvc repro, or the "
+                        f"dmae prepare command)")
     path = data / "settings.json"
     if not path.is_file():  # prepared by the library directly: nothing recorded to compare
         return

@@ -15,7 +15,7 @@ import yaml
 from dmae.util.errors import UserError
 from dmae.util.progress import log, say
 from stages.common import user_errors
-from stages.use_preset import PRESETS_DIR, available
+from stages import paths
 from tools import rehearse
 from tools.projection import GPU_FLOPS, gpu_hours, stage_flops
 
@@ -50,10 +50,7 @@ def main(
 
     The project's own params.yaml, dvc.lock, data and outputs are never touched. Exit status 1 if a check fails.
     """
-    source = PRESETS_DIR / f"{preset}.yaml"
-    if not source.is_file():
-        known = ", ".join(available()) or "none (run from the project root)"
-        raise UserError(f"unknown preset {preset!r}; presets: {known}")
+    source = paths.preset_file(preset)
     text, raw, params = rehearse.load_preset(source)
     hours = {name: gpu_hours(flops) for name, flops in stage_flops(params).items()}
     if estimate:

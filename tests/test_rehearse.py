@@ -15,12 +15,12 @@ import yaml
 from dmae.models.architectures import ModelConfig
 from dmae.models.imports import import_checkpoint
 from dmae.settings import parse_params
-from stages.use_preset import available
+from stages.paths import presets
 from tests.conftest import REPO
 from tools import fabricate, rehearse
 from tools.projection import gpu_hours, stage_flops
 
-PRESETS = available(REPO / "presets")
+PRESETS = presets(REPO / "presets")
 SIZES = {"cpu_threads", "data.val_fraction", "data.test_every"}  # keys besides the sizes of TOY_SIZES
 
 
