@@ -148,6 +148,29 @@ def test_the_linear_probe_steps_with_maes_lars(digits_dir):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in encoder.items())
 
 
+def test_in_memory_batches_equal_the_data_loader_ones(digits_dir):
+    """An un-augmented tensor split is sliced a micro-batch at a time instead of read item by item through a
+    DataLoader: the same bytes, in the same order, for every accumulation step."""
+    from dmae.train.batches import epoch_batches
+
+    train_set = load_split(digits_dir, "train")
+
+    class ItemByItem(torch.utils.data.Dataset):  # what any other data set goes through
+        def __len__(self):
+            return len(train_set)
+
+        def __getitem__(self, i):
+            return train_set[i]
+
+    for accum in (1, 4):
+        sliced = list(epoch_batches(train_set, 128, accum, seed=3, epoch=2, workers=0))
+        loaded = list(epoch_batches(ItemByItem(), 128, accum, seed=3, epoch=2, workers=0))
+        assert len(sliced) == len(loaded) == len(train_set) // 128 * accum
+        for a, b in zip(sliced, loaded):
+            assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+            assert (a.step, a.positions, a.last) == (b.step, b.positions, b.last)
+
+
 def test_consistency_loss_hand_computed():
     logits = torch.tensor([[[2.0, 0.0]], [[0.0, 0.0]]])  # m=2 copies of one example, 2 classes
     targets = torch.tensor([[1.0, 0.0]])

@@ -72,6 +72,11 @@ class TensorSplit(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def items(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The un-augmented images [len(indices), C, H, W] and labels at `indices`, as one batch (the same values
+        as collating dataset[i] one by one)."""
+        return self.images[indices].float().div_(255), self.labels[indices]
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if self.transform is None:
             return self.images[i].float().div_(255), int(self.labels[i])

@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dmae.data.loading import TensorSplit
 from dmae.util import distributed as dist
 from dmae.util.seeding import derive_seed, seeded_globally
 
@@ -55,8 +56,11 @@ def epoch_batches(dataset: Dataset, batch_size: int, accum_steps: int, seed: int
         for k in range(accum_steps):
             start = s * batch_size + (k * world + rank) * micro
             order += perm[start:start + micro]
-    keyed = [(i, derive_seed(seed, epoch, "augment", i)) for i in order]
-    loader = DataLoader(KeyedAugmentation(dataset), batch_size=micro, sampler=keyed, num_workers=workers)
+    if isinstance(dataset, TensorSplit) and dataset.transform is None:  # in memory, nothing drawn: slice it
+        loader = (dataset.items(order[i:i + micro]) for i in range(0, len(order), micro))
+    else:
+        keyed = [(i, derive_seed(seed, epoch, "augment", i)) for i in order]
+        loader = DataLoader(KeyedAugmentation(dataset), batch_size=micro, sampler=keyed, num_workers=workers)
     for i, (x, y) in enumerate(loader):
         step, k = divmod(i, accum_steps)
         start = (k * world + rank) * micro
