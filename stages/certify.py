@@ -58,7 +58,7 @@ def main(
     samples: estimation samples used), OUT's .settings.json, and seconds per example to results/timings/
     (not a DVC output: times vary from run to run).
     """
-    params, runtime, device = setup(params_path)
+    params, runtime, device = setup(params_path, example_parallel=True)
     check_sigma(sigma, params.sigmas)
     c = params.certify
     check_certify_args(n0=c.n0, n=c.n, alpha=c.alpha, batch_size=c.batch_size)

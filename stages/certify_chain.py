@@ -34,7 +34,7 @@ def main(
     base classifier: the noisy sample, reconstructed in one step by the frozen denoiser at SIGMA, labelled by the
     classifier. Settings and TSV as `dmae certify` (idx counts the chain's examples: `dmae certify`'s idx * the
     chain's test_every)."""
-    params, runtime, device = setup(params_path)
+    params, runtime, device = setup(params_path, example_parallel=True)
     check_sigma(sigma, params.sigmas)
     chains, c = params.denoised_smoothing.chains, params.certify
     if chain not in chains:

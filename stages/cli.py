@@ -51,20 +51,40 @@ def build(names) -> typer.Typer:
     return app
 
 
-DISTRIBUTED = {"pretrain", "finetune", "certify", "finetune-defense", "finetune-chain", "certify-chain"}
+TRAINING = {"pretrain", "finetune", "finetune-defense", "finetune-chain"}  # DMAE_NPROC processes (default 1)
+EXAMPLE_PARALLEL = {"certify", "certify-chain", "attack"}  # default: every core (CPU) or every GPU
+
+
+def processes(command: str) -> int:
+    """How many processes run `command`: DMAE_NPROC when set; else, for the example-parallel stages, one per
+    CPU core (one thread each) or one per GPU; else 1."""
+    nproc = os.environ.get("DMAE_NPROC", "")
+    if nproc:
+        if not nproc.isdigit() or int(nproc) < 1:
+            print(f"error: DMAE_NPROC={nproc!r}: expected a whole number of processes >= 1", file=sys.stderr)
+            sys.exit(2)
+        return int(nproc)
+    if command not in EXAMPLE_PARALLEL:
+        return 1
+    device = os.environ.get("DMAE_DEVICE", "auto")
+    if device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.device_count()
+    if device.startswith("cuda"):  # cuda:N, or CUDA missing (the stage says so)
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def launch_processes(command: str) -> None:
-    """With DMAE_NPROC > 1, replace this process by torchrun running the same command in that many processes
-    (the training and certification stages; 1 GPU each on CUDA, gloo on CPU). Under torchrun, nothing."""
-    nproc = os.environ.get("DMAE_NPROC", "1")
-    if command not in DISTRIBUTED or "LOCAL_RANK" in os.environ or nproc in ("", "1"):
+    """Replace this process by torchrun running the same command in `processes(command)` processes when that is
+    more than one (gloo on CPU, one GPU each on CUDA). Under torchrun, nothing."""
+    if command not in TRAINING | EXAMPLE_PARALLEL or "LOCAL_RANK" in os.environ:
         return
-    if not nproc.isdigit() or int(nproc) < 1:
-        print(f"error: DMAE_NPROC={nproc!r}: expected a whole number of processes >= 1", file=sys.stderr)
-        sys.exit(2)
-    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              f"--nproc-per-node={nproc}", "-m", "stages.cli", *sys.argv[1:]])
+    if (nproc := processes(command)) > 1:
+        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc-per-node={nproc}", "-m", "stages.cli", *sys.argv[1:]])
 
 
 def main() -> None:

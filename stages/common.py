@@ -50,12 +50,17 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def setup(params_path: Path) -> tuple[Params, Runtime, torch.device]:
-    """Validate params and environment before any work; set the CPU threads (params cpu_threads)."""
+EXAMPLE_PARALLEL_THREADS = 1  # CPU threads of every process of an example-parallel stage (see `setup`)
+
+
+def setup(params_path: Path, example_parallel: bool = False) -> tuple[Params, Runtime, torch.device]:
+    """Validate params and environment before any work; set the CPU threads: params cpu_threads, or for the
+    example-parallel stages (certify, certify-chain, attack) one per process whatever the process count, so that
+    their results do not depend on how many processes share the examples."""
     params = load_params(params_path)
     runtime = load_runtime()
     device = runtime.torch_device()
-    torch.set_num_threads(params.cpu_threads)
+    torch.set_num_threads(EXAMPLE_PARALLEL_THREADS if example_parallel else params.cpu_threads)
     return params, runtime, device
 
 

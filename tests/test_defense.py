@@ -316,10 +316,10 @@ def test_defense_stages_end_to_end_deterministic_and_resumable(tiny_params, monk
     with monkeypatch.context() as m:
         m.setattr(robustness, "evaluate_defense", interrupted)
         assert _invoke("attack").exit_code == 130
-    assert any(Path("state").rglob("rows.pt"))  # the finished rows, kept for the rerun
+    assert any(Path("state").rglob("rows-0.pt"))  # the finished rows, kept for the rerun
     assert _invoke("attack").exit_code == 0
     assert first == {f: (out / f).read_bytes() for f in first}
-    assert not any(Path("state").rglob("rows.pt"))
+    assert not any(Path("state").rglob("rows-0.pt"))
 
 
 def test_mae_denoises_over_complementary_masks_predicting_each_patch_from_the_others():

@@ -38,6 +38,7 @@ from dmae.models.architectures import ModelConfig
 from dmae.models.autoencoder import load_autoencoder
 from dmae.models.classifier import load_classifier
 from dmae.settings import AttackSettings
+from dmae.util import distributed as dist
 from dmae.util.progress import log, progress_bar
 from dmae.util.seeding import derive_seed
 from dmae.util.state import load_state, save_state
@@ -222,53 +223,100 @@ def attack_examples(dataset, n: int | Literal["all"], seed: int,
     return x, y, rank[chosen]
 
 
+def row_cost(chain: Chain, sigma: float, cfg: AttackSettings) -> float:
+    """Forward passes per example of one row, roughly (to share rows out among processes): a randomized defense
+    runs the EOT, BPDA and gray-box columns and more draws; AutoAttack and Square dominate where they run."""
+    random = sigma > 0
+    grads = 1 + cfg.pgd.steps * (1 + len(cfg.eps_sweep)) + (cfg.eot * (1 + 2 * cfg.pgd.steps) if random else 0)
+    cost = 3 * grads * (2 if random else 1) + cfg.square.queries + (cfg.draws if random else 1) * 14
+    b = cfg.autoattack.budget
+    for column in cfg.autoattack_columns(chain.name, sigma):
+        cost += 3 * b.iterations * (1 + 2 * b.target_classes) + b.square_queries if column.endswith("standard") \
+            else 6 * b.iterations * b.eot_iter
+    return cost
+
+
+def share_rows(keys: list[tuple[Chain, float]], cfg: AttackSettings, processes: int) -> list[list[int]]:
+    """Indices of `keys` per process: the costliest row first, each to the least loaded process."""
+    load, share = [0.0] * processes, [[] for _ in range(processes)]
+    for i in sorted(range(len(keys)), key=lambda i: -row_cost(*keys[i], cfg)):
+        p = load.index(min(load))
+        share[p].append(i)
+        load[p] += row_cost(*keys[i], cfg)
+    return [sorted(s) for s in share]
+
+
+def _row_key(chain: Chain, sigma: float) -> str:
+    return f"{chain.name}|{sigma!r}"
+
+
 def evaluate_chains(chains: list[Chain], model_cfg: ModelConfig, num_classes: int, x: torch.Tensor,
-                    y: torch.Tensor, cfg: AttackSettings, *, device: torch.device, state_path: Path,
+                    y: torch.Tensor, cfg: AttackSettings, *, device: torch.device, state_dir: Path,
                     ranks: torch.Tensor | None = None, show: int = 0,
-                    progress: bool = True) -> tuple[list[Row], dict[str, torch.Tensor]]:
+                    progress: bool = True) -> tuple[list[Row], dict[str, torch.Tensor]] | None:
     """Every column of every chain: with a denoiser at each cfg.test_sigmas, else once, undefended (`ranks`: as
     evaluate_defense takes them).
 
-    Resumes from `state_path` (the finished rows), saved after every row. Returns the rows and, for the figure,
-    `show` clean examples and, for chain cfg.figure at every test sigma > 0, its white-box PGD-EOT examples with
-    their noisy and denoised versions.
+    Under torchrun the rows are shared out among the processes (`share_rows`); a row's result depends only on
+    its own seeds, so it is the same whichever process evaluates it. Each process saves its finished rows in
+    `state_dir` after every row; a rerun, with any number of processes, resumes from all of them. Returns, on
+    rank 0 (None elsewhere), the rows and, for the figure, `show` clean examples and, for chain cfg.figure at
+    every test sigma > 0, its white-box PGD-EOT examples with their noisy and denoised versions.
     """
-    done = load_state(state_path) or {}  # finished rows: "name|sigma" -> {"accuracy", "shown"}
-    rows: list[Row] = []
-    shown = {"clean": x[:show].to(device)}
-    with progress_bar(progress, unit="row") as bar:
-        task = bar.add_task("attack", status="", total=sum(
-            len(cfg.test_sigmas) if c.denoiser else 1 for c in chains))
-        for chain in chains:
-            classifier = load_classifier(chain.classifier, num_classes, model_cfg).to(device)
-            denoiser = load_autoencoder(chain.denoiser, model_cfg).to(device) if chain.denoiser else None
-            for sigma in cfg.test_sigmas if denoiser else [0.0]:
-                where = f"{chain.name} σ={sigma_label(sigma)}"
+    done: dict[str, dict] = {}  # finished rows: "name|sigma" -> {"accuracy", "worst", "mse", "shown", "warnings"}
+    for saved in sorted(state_dir.glob("rows-*.pt")):
+        done |= load_state(saved)
+    keys = [(chain, sigma) for chain in chains for sigma in (cfg.test_sigmas if chain.denoiser else [0.0])]
+    todo = [k for k in keys if _row_key(*k) not in done]
+    mine = [todo[i] for i in share_rows(todo, cfg, dist.world_size())[dist.rank()]]
+    state_path = state_dir / f"rows-{dist.rank()}.pt"
+    x, y, models = x.to(device), y.to(device), {}
+    with progress_bar(progress and dist.is_main(), unit="row") as bar:
+        task = bar.add_task("attack", status="", total=len(mine))
+        for chain, sigma in mine:
+            if chain.name not in models:
+                models = {chain.name: (load_classifier(chain.classifier, num_classes, model_cfg).to(device),
+                                       load_autoencoder(chain.denoiser, model_cfg).to(device) if chain.denoiser
+                                       else None)}
+            where = f"{chain.name} σ={sigma_label(sigma)}"
 
-                def logged(column: str, accuracy: float, seconds: float) -> None:
-                    log(f"{where} {column}: accuracy {accuracy:.3f} ({seconds:.1f} s)")
-                    bar.update(task, status=f"{where} {column}")
+            def logged(column: str, accuracy: float, seconds: float) -> None:
+                log(f"{where} {column}: accuracy {accuracy:.3f} ({seconds:.1f} s)")
+                bar.update(task, status=f"{where} {column}")
 
-                defense = Defense(denoiser, classifier, sigma, chain.norm_pix_loss, chain.groups)
-                keep = show if chain.name == cfg.figure and sigma > 0 else 0
-                key = f"{chain.name}|{sigma!r}"
-                if key not in done:
-                    result = evaluate_defense(defense, x, y, cfg, key=(chain.name, sigma), keep=keep,
-                                              on_column=logged,
-                                              autoattack=tuple(cfg.autoattack_columns(chain.name, sigma)),
-                                              ranks=ranks)
-                    done[key] = {"accuracy": result.accuracy, "worst": result.worst, "mse": result.mse,
-                                 "shown": result.shown, "warnings": result.warnings}
-                    save_state(state_path, done)
-                rows.append(Row(chain.name, sigma, denoiser is not None, done[key]["accuracy"], done[key]["worst"],
-                                done[key]["mse"], tuple(done[key]["warnings"])))
-                if keep:
-                    adversarial = done[key]["shown"].to(device)
-                    torch.manual_seed(derive_seed(cfg.seed, "figure", sigma))
-                    with torch.no_grad():
-                        noisy, denoised = defense.purify(adversarial)
-                    label = sigma_label(sigma)
-                    shown |= {f"adversarial\nσ={label}": adversarial, f"noisy\nσ={label}": noisy,
-                              f"denoised\nσ={label}": denoised}
-                bar.advance(task)
-    return rows, shown
+            classifier, denoiser = models[chain.name]
+            defense = Defense(denoiser, classifier, sigma, chain.norm_pix_loss, chain.groups)
+            result = evaluate_defense(defense, x, y, cfg, key=(chain.name, sigma),
+                                      keep=show if chain.name == cfg.figure and sigma > 0 else 0, on_column=logged,
+                                      autoattack=tuple(cfg.autoattack_columns(chain.name, sigma)), ranks=ranks)
+            done[_row_key(chain, sigma)] = {"accuracy": result.accuracy, "worst": result.worst, "mse": result.mse,
+                                            "shown": result.shown, "warnings": result.warnings}
+            save_state(state_path, done)
+            bar.advance(task)
+    for other in dist.gather_objects(done):
+        done |= other
+    if not dist.is_main():
+        return None
+    rows = [Row(chain.name, sigma, chain.denoiser is not None, done[k]["accuracy"], done[k]["worst"],
+                done[k]["mse"], tuple(done[k]["warnings"])) for chain, sigma in keys for k in [_row_key(chain, sigma)]]
+    return rows, figure_examples(chains, model_cfg, num_classes, x, cfg, done, device, show)
+
+
+@torch.no_grad()
+def figure_examples(chains: list[Chain], model_cfg: ModelConfig, num_classes: int, x: torch.Tensor,
+                    cfg: AttackSettings, done: dict[str, dict], device: torch.device,
+                    show: int) -> dict[str, torch.Tensor]:
+    """`show` clean examples, and for chain cfg.figure at every test sigma > 0 its kept white-box PGD-EOT
+    examples, noised and denoised as its defense does (seeded per sigma)."""
+    shown = {"clean": x[:show]}
+    chain = next(c for c in chains if c.name == cfg.figure)
+    classifier = load_classifier(chain.classifier, num_classes, model_cfg).to(device)
+    denoiser = load_autoencoder(chain.denoiser, model_cfg).to(device)
+    for sigma in [s for s in cfg.test_sigmas if s > 0]:
+        adversarial = done[_row_key(chain, sigma)]["shown"].to(device)
+        torch.manual_seed(derive_seed(cfg.seed, "figure", sigma))
+        noisy, denoised = Defense(denoiser, classifier, sigma, chain.norm_pix_loss, chain.groups).purify(adversarial)
+        label = sigma_label(sigma)
+        shown |= {f"adversarial\nσ={label}": adversarial, f"noisy\nσ={label}": noisy,
+                  f"denoised\nσ={label}": denoised}
+    return shown
