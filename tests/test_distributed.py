@@ -68,15 +68,16 @@ def test_example_parallel_stages_write_the_same_bytes_with_one_and_two_processes
     the processes; every output DVC tracks is byte-identical for 1 and 2 processes."""
     monkeypatch.chdir(tmp_path)
     chain = {"input": "denoised", "encoder": "dmae", "denoiser": "dmae"}
-    params = params_with({**TINY, "defense": {"denoisers": {}, "classifiers": {"dmae": chain, "plain": {
-        "input": "clean", "encoder": "dmae", "denoiser": None}}, "finetune": {"epochs": 1, "warmup_epochs": 0}},
-        "denoised_smoothing": {"test_every": 2, "finetune": {"denoiser": "dmae", "encoder": "dmae"},
-                               "chains": {"de3": {"denoiser": "dmae", "classifier": "dmae"}}},
+    params = params_with({**TINY, "defense": {"finetune": {"epochs": 1, "warmup_epochs": 0}},
+        "denoised_smoothing": {"test_every": 2, "finetune": {"denoiser": "dmae", "encoder": "dmae"}},
         "attack": {"examples": 6, "batch_size": 3, "test_sigmas": [0.0, 0.25], "eot": 2, "draws": 2,
                    "pgd": {"steps": 2}, "square": {"queries": 4}, "figure": "dmae",
                    "autoattack": {"versions": ["standard"], "examples": 2, "classifiers": ["plain"],
                                   "test_sigmas": [0.0], "budget": {"iterations": 2, "target_classes": 2,
                                                                    "square_queries": 4, "eot_iter": 2}}}})
+    params["defense"] |= {"denoisers": {}, "classifiers": {"dmae": chain, "plain": {  # replaced whole, not merged
+        "input": "clean", "encoder": "dmae", "denoiser": None}}}
+    params["denoised_smoothing"]["chains"] = {"de3": {"denoiser": "dmae", "classifier": "dmae"}}
     Path("params.yaml").write_text(yaml.safe_dump(params))
     env = {"DMAE_STATE_DIR": str(tmp_path / "state"), "DMAE_PROGRESS": "0"}
     for stage in (["prepare"], ["pretrain"], ["finetune", "--sigma", "0.25"], ["finetune-defense", "--classifier",
