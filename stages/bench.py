@@ -154,14 +154,15 @@ def pipeline(
     params_path: Path = PARAMS_OPTION,
     out: Path = typer.Option(Path("bench-pipeline.md"), help="Markdown table; the measurements go beside it as "
                                                                ".json."),
+    root: Path = typer.Option(Path("."), help="The project tree to copy and run (e.g. a checkout of an older "
+                                              "commit, to compare): its own code runs its stages."),
 ) -> None:
     """Run `dvc repro` of the params file in a fresh copy of the project and measure every stage: seconds,
     start-up seconds (process start to its main work), work in FLOPs and the share of this machine's fp32 peak.
     Take it with nothing else running."""
     from tools.pipeline_bench import markdown, run
 
-    load_params(params_path)  # a bad file fails here, before the copy
-    report = run(Path.cwd(), params_path)
+    report = run(root.resolve(), params_path)
     report["machine"] = machine(torch.device("cpu"))
     table = f"{report['machine']['cpu']}\n\n" + markdown(report)
     atomic_write_text(out, table)

@@ -76,7 +76,7 @@ def main(
     steps = rehearse.import_steps(text)
     for made in rehearse.fabricate_inputs(workspace, small_params, steps):
         say(f"made: {made}")
-    env = rehearse.environment(nproc, threads)
+    env = rehearse.environment(workspace, nproc, threads)
     for file, options in steps:
         command = rehearse.import_command(file, options, workspace)
         say("> " + " ".join(command))

@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
-from dmae.settings import load_params
+from dmae.settings import parse_params
+from dmae.util.errors import UserError
 from tools import rehearse
 from tools.projection import stage_flops
 
@@ -38,31 +40,37 @@ def matmul_peak(threads: int, size: int = 2048, reps: int = 5) -> float:
 
 
 def run(root: Path, params_path: Path, workspace: Path | None = None) -> dict:
-    """`dvc repro` of `params_path` in a new copy of the project at `root`; returns the per-stage measurements."""
-    params = load_params(params_path)
-    peaks = [matmul_peak(params.cpu_threads)]
+    """`dvc repro` of `params_path` in a new copy of the project at `root`; returns the per-stage measurements.
+    Params this code cannot read (an older commit's) are run all the same, without FLOP counts."""
+    raw = yaml.safe_load(params_path.read_text(encoding="utf-8"))
+    try:
+        flops = stage_flops(parse_params(raw))
+    except UserError:
+        flops = {}
+    threads = int(raw["cpu_threads"])
+    peaks = [matmul_peak(threads)]
     with tempfile.TemporaryDirectory(prefix="dmae-bench-pipeline-") as tmp:
         ws = workspace or Path(tmp)
         ws.mkdir(parents=True, exist_ok=True)
         rehearse.make_workspace(root, ws)
         (ws / "params.yaml").write_text(params_path.read_text(encoding="utf-8"), encoding="utf-8")
         timings = ws / "timings.jsonl"
-        env = {**rehearse.environment(1, params.cpu_threads), "DMAE_TIMINGS": str(timings)}
+        env = {**rehearse.environment(ws, None, threads), "DMAE_TIMINGS": str(timings)}
         t0 = time.monotonic()
         result = rehearse.run_dvc_repro(ws, env, ws / "repro.log")
         total = time.monotonic() - t0
         if result.returncode:
             raise RuntimeError("dvc repro failed:\n" + "\n".join(result.tail))
-        records = [json.loads(line) for line in timings.read_text(encoding="utf-8").splitlines()]
-    peaks.append(matmul_peak(params.cpu_threads))
+        records = [json.loads(line) for line in timings.read_text(encoding="utf-8").splitlines()] \
+            if timings.is_file() else []  # code from before DMAE_TIMINGS records nothing
+    peaks.append(matmul_peak(threads))
     startup = {}
     for r in records:
         if r["stage"] and r["process_start"] and r["stage"] not in startup:
             startup[r["stage"]] = r["work_start"] - r["process_start"]
-    flops = stage_flops(params)
     rows = [{"stage": name, "seconds": seconds, "startup": startup.get(name), "flops": flops.get(name)}
             for name, seconds in result.seconds.items()]
-    return {"total_seconds": total, "peak_flops": max(peaks), "threads": params.cpu_threads, "rows": rows}
+    return {"total_seconds": total, "peak_flops": max(peaks), "threads": threads, "rows": rows}
 
 
 def markdown(report: dict) -> str:

@@ -147,11 +147,14 @@ def dvc(workspace: Path, *args: str, env: dict | None = None) -> subprocess.Comp
                           env=env, check=False)
 
 
-def environment(nproc: int, threads: int) -> dict[str, str]:
-    """The stages' environment: this Python's `dmae` first on PATH, nproc processes per stage."""
+def environment(workspace: Path, nproc: int | None, threads: int) -> dict[str, str]:
+    """The stages' environment: this Python's `dmae` first on PATH, running the workspace's copy of the code
+    (PYTHONPATH), `nproc` processes per stage (None: each stage's default)."""
     bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "DMAE_NPROC": str(nproc),
-            "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "PYTHONPATH": str(workspace),
+           "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    env.pop("DMAE_NPROC", None)
+    return env | ({"DMAE_NPROC": str(nproc)} if nproc else {})
 
 
 @dataclass
