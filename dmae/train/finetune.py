@@ -121,7 +121,7 @@ class FinetuneStep(Step):
         groups = param_groups(model, cfg.weight_decay, cfg.layer_decay, num_layers=model.cfg.arch.depth)
         if cfg.mode == "linear_probe":
             return lars(groups)
-        return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999))
+        return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), fused=True)
 
     def start_epoch(self, epoch: int) -> None:
         self.rng = np.random.default_rng(derive_seed(*self.seed, epoch, "mix", dist.rank()))  # mixup draws
