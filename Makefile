@@ -28,9 +28,9 @@ test-all: setup  ## every test, the slow ones included: end-to-end runs and a re
 	. $(BIN)/activate && python -m pytest -q -m "slow or not slow"
 
 PRESET ?= imagenet-nim-vit-b
-NPROC ?= 1
+NPROC ?=
 rehearse: setup  ## run PRESET's whole DAG at toy sizes in a temporary copy (`make rehearse PRESET=... NPROC=2`)
-	. $(BIN)/activate && dmae rehearse $(PRESET) --nproc $(NPROC)
+	. $(BIN)/activate && dmae rehearse $(PRESET) $(if $(NPROC),--nproc $(NPROC))
 
 # On a machine with a CUDA GPU (the lent device has torch, timm, scipy, safetensors and rich in its python3;
 # pydantic-settings and typer must be installed there, e.g. from carried wheels): figures to gpu-check.md / .json

@@ -35,8 +35,10 @@ def _table(seconds: dict[str, float], hours: dict[str, float]) -> str:
 @user_errors
 def main(
     preset: str = typer.Argument(..., help="A preset under presets/ (without .yaml), e.g. imagenet-nim-vit-b."),
-    nproc: int = typer.Option(1, min=1, help="Processes per training and certification stage (torchrun; gloo "
-                                             "on CPU), the multi-process route of the paper scale."),
+    nproc: int = typer.Option(None, min=1, help="Processes per training and example-parallel stage (torchrun; "
+                                                "gloo on CPU), the multi-process route of the paper scale "
+                                                "[default: each stage's own: 1 for training, one per core for "
+                                                "certify, certify_chain and attack]."),
     workspace: Path = typer.Option(None, help="Where the rehearsal runs [default: a new temporary folder]; "
                                               "must not exist yet."),
     keep: bool = typer.Option(False, help="Keep the workspace after a successful rehearsal (a failed one is "
@@ -60,13 +62,14 @@ def main(
     if workspace is not None and workspace.exists():
         raise UserError(f"--workspace {workspace} exists; name a new folder")
     cores = os.cpu_count() or 1
-    threads = max(1, cores // nproc)
-    small, changes = rehearse.shrink(raw, nproc, threads)
+    threads = max(1, cores // (nproc or 1))
+    small, changes = rehearse.shrink(raw, nproc or 1, threads)
     root = Path.cwd()
     workspace = workspace or Path(tempfile.mkdtemp(prefix=f"dmae-rehearse-{preset}-"))
     workspace.mkdir(parents=True, exist_ok=True)
-    say(f"rehearsing {preset} in {workspace} ({nproc} process{'es' if nproc > 1 else ''} x {threads} threads "
-        f"per stage)")
+    processes = (f"{nproc} processes x {threads} threads" if nproc
+                 else f"training 1 process x {threads} threads, example-parallel stages 1 per core")
+    say(f"rehearsing {preset} in {workspace} ({processes} per stage)")
     say("shrunk: " + "; ".join(changes))
     t0 = time.monotonic()
     rehearse.make_workspace(root, workspace)
