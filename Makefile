@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # some machines configure through PIP_FIND_LINKS (its torchvision would not load).
 PIP := env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(BIN)/python -m pip
 
-.PHONY: setup repro test test-all gpu-check lock clean-state
+.PHONY: setup repro test test-all rehearse gpu-check lock clean-state
 
 $(BIN)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,13 @@ repro: setup  ## run the whole pipeline on the embedded default (digits), as DVC
 test: setup  ## the test suite (fast tests; slow ones with `make test-all`)
 	. $(BIN)/activate && python -m pytest -q
 
-test-all: setup
+test-all: setup  ## every test, the slow ones included: end-to-end runs and a rehearsal of every preset
 	. $(BIN)/activate && python -m pytest -q -m "slow or not slow"
+
+PRESET ?= imagenet-nim-vit-b
+NPROC ?=
+rehearse: setup  ## run PRESET's whole DAG at toy sizes in a temporary copy (`make rehearse PRESET=... NPROC=2`)
+	. $(BIN)/activate && dmae rehearse $(PRESET) $(if $(NPROC),--nproc $(NPROC))
 
 # On a machine with a CUDA GPU (the lent device has torch, timm, scipy, safetensors and rich in its python3;
 # pydantic-settings and typer must be installed there, e.g. from carried wheels): figures to gpu-check.md / .json

@@ -7,11 +7,13 @@ the environment through `Runtime`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError,
+                      WrapSerializer, model_validator)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dmae.models.architectures import ARCHITECTURES
@@ -31,10 +33,20 @@ Seed = Annotated[int, Number, Field(ge=0, lt=2**63)]
 PosFloat = Annotated[float, Number, Field(gt=0, le=1e6)]
 NonNegFloat = Annotated[float, Number, Field(ge=0, le=1e6)]
 Probability = Annotated[float, Number, Field(ge=0, le=1)]
+Fraction = Annotated[float, Number, Field(gt=0, le=1)]
 Sigma = Annotated[float, Number, Field(gt=0, le=10)]  # a noise level in [0,1] pixel units
 Radius = Annotated[float, Number, Field(ge=0, le=100)]
 LearningRate = Annotated[float, Number, Field(gt=0, le=10)]
 Precision = Literal["fp32", "bf16"]
+
+
+def _count_or_all(value):
+    if value == "all" or type(value) is int and 1 <= value <= 10**9:
+        return value
+    raise ValueError("expected a count (an integer >= 1) or all")
+
+
+CountOrAll = Annotated[int | Literal["all"], PlainValidator(_count_or_all)]
 
 
 class Section(BaseModel):
@@ -46,7 +58,7 @@ class DataSettings(Section):
     root: str
     download: bool
     image_size: Annotated[int, Number, Field(ge=1, le=4096)]
-    val_fraction: Annotated[float, Field(gt=0, lt=1)]
+    val_fraction: Annotated[float, Number, Field(ge=0, lt=1)]  # 0: train on all of train, no held-out metrics
     test_every: Count
     seed: Seed
 
@@ -114,6 +126,54 @@ class NoiseSettings(Section):
         return self
 
 
+RAND_AUGMENT = re.compile(r"rand(-(m|n|mstd|mmax|inc|p)\d+(\.\d+)?)*")  # timm's RandAugment policies
+
+
+class AugmentSettings(Section):
+    """Training-image augmentation with timm's transforms, in timm's order, on the clean image before the noise
+    (dmae/data/augment.py): RandomResizedCrop (bicubic) or none, horizontal flip, RandAugment, random erasing."""
+
+    crop_scale: tuple[Fraction, Fraction] | None  # the crop's share of the image area; null: no random crop
+    crop_ratio: tuple[PosFloat, PosFloat] | None  # its aspect ratio (width / height); null with crop_scale
+    hflip: Probability
+    rand_augment: str | None  # timm's policy string, e.g. rand-m9-mstd0.5-inc1
+    erase_prob: Probability  # timm's RandomErasing: probability per image, fill mode, 1 to erase_count boxes
+    erase_mode: Literal["const", "rand", "pixel"]
+    erase_count: Count
+
+    @model_validator(mode="after")
+    def _check(self) -> "AugmentSettings":
+        if (self.crop_scale is None) != (self.crop_ratio is None):
+            raise ValueError("crop_scale and crop_ratio: set both (a random crop) or neither (null: no crop)")
+        for key in ("crop_scale", "crop_ratio"):
+            low, high = getattr(self, key) or (0, 0)
+            if low > high:
+                raise ValueError(f"{key} = [{low}, {high}]: expected [low, high] with low <= high")
+        if self.rand_augment is not None and not RAND_AUGMENT.fullmatch(self.rand_augment):
+            raise ValueError(f"rand_augment = {self.rand_augment!r}: not a RandAugment policy in timm's syntax "
+                             f"(rand, then -m<magnitude>, -n<ops>, -mstd<std>, -mmax<max>, -inc<0|1>, -p<prob>)")
+        if (self.crop_scale, self.hflip, self.rand_augment, self.erase_prob) == (None, 0, None, 0):
+            raise ValueError("every augmentation is off: write `augment: none`")
+        return self
+
+
+def _augment_or_none(value):
+    if value is None or isinstance(value, str) and value != "none":
+        raise ValueError("expected none or a section of augmentation keys (crop_scale, crop_ratio, hflip, "
+                         "rand_augment, erase_prob, erase_mode, erase_count)")
+    return None if value == "none" else value
+
+
+# `none` (the images as stored; ImageNet: resized and centre-cropped) or the augmentation section
+Augment = Annotated[AugmentSettings | None, BeforeValidator(_augment_or_none),
+                    WrapSerializer(lambda value, dump: "none" if value is None else dump(value))]
+
+
+def augment_options(augment: AugmentSettings | None) -> dict | None:
+    """The `augment` argument of dmae.data.load_split for an `augment` setting."""
+    return None if augment is None else augment.model_dump()
+
+
 class PretrainSettings(Section):
     task: Literal["dmae", "nim", "mae"]
     mask_ratio: Annotated[float, Field(ge=0, lt=1)]
@@ -126,7 +186,7 @@ class PretrainSettings(Section):
     weight_decay: NonNegFloat
     warmup_epochs: NonNegFloat
     min_lr: Annotated[float, Number, Field(ge=0, le=10)]
-    augment: Literal["none", "flip", "rrc_flip"]
+    augment: Augment
     precision: Precision
     init_from: str | None
     seed: Seed
@@ -181,7 +241,7 @@ class FinetuneSettings(Section):
     cutmix: NonNegFloat
     warmup_epochs: NonNegFloat
     min_lr: Annotated[float, Number, Field(ge=0, le=10)]
-    augment: Literal["none", "flip", "rrc_flip"]
+    augment: Augment
     consistency: ConsistencySettings
     precision: Precision
     seed: Seed
@@ -204,6 +264,7 @@ class FinetuneSettings(Section):
 
 class CertifySettings(Section):
     method: Literal["cohen", "mixture", "union"]  # CERTIFY with n samples, or adaptive with at most n_max
+    test_every: Count  # certify every k-th example of the test split (which the attack stage draws from whole)
     n0: Count
     n: Count
     n_max: Count
@@ -274,20 +335,38 @@ class SquareSettings(Section):
     p_init: Annotated[float, Field(gt=0, le=1)]
 
 
+class AutoAttackBudget(Section):
+    """How hard AutoAttack tries; the package's 'standard' / 'rand' values are STANDARD_BUDGET (the papers')."""
+
+    iterations: Count  # APGD-CE, APGD-T, APGD-DLR and FAB-T iterations
+    target_classes: Count  # APGD-T and FAB-T target classes (at most the model's classes - 1)
+    square_queries: Count
+    eot_iter: Count  # 'rand': gradient draws averaged per APGD iteration
+
+    def reduced(self) -> list[str]:
+        """The keys set below the package's standard values (the report says so)."""
+        return [k for k, v in STANDARD_BUDGET.items() if getattr(self, k) < v]
+
+
+STANDARD_BUDGET = {"iterations": 100, "target_classes": 9, "square_queries": 5000, "eot_iter": 20}
+
+
 class AutoAttackSettings(Section):
-    """AutoAttack (pyautoattack) on the first `examples` attack examples, for the classifiers in `classifiers` at
-    the test sigmas in `test_sigmas` (a classifier without a denoiser has the one row at sigma 0)."""
+    """AutoAttack (pyautoattack) on `examples` of the attack examples (those drawn first: a random subset), for the
+    classifiers in `classifiers` at the test sigmas in `test_sigmas` (a classifier without a denoiser has the one
+    row at sigma 0)."""
 
     versions: list[Literal["standard", "rand"]]
-    examples: Count
+    examples: CountOrAll  # all: every attack example
     classifiers: list[Name]  # keys of defense.classifiers
     test_sigmas: list[Annotated[float, Number, Field(ge=0, le=10)]]  # a subset of attack.test_sigmas
+    budget: AutoAttackBudget
 
 
 class AttackSettings(Section):
     """l-infinity attacks on every classifier of defense.classifiers, through its defense at each test sigma."""
 
-    examples: Count
+    examples: CountOrAll  # a seeded subset of the test split, or all of it
     batch_size: Count
     test_sigmas: list[Annotated[float, Number, Field(ge=0, le=10)]]
     eps: Probability
@@ -312,7 +391,7 @@ class AttackSettings(Section):
             raise ValueError("test_sigmas is empty")
         if unknown := [s for s in self.autoattack.test_sigmas if s not in self.test_sigmas]:
             raise ValueError(f"autoattack.test_sigmas {unknown} are not in test_sigmas {self.test_sigmas}")
-        if self.autoattack.examples > self.examples:
+        if "all" not in (self.examples, self.autoattack.examples) and self.autoattack.examples > self.examples:
             raise ValueError(f"autoattack.examples = {self.autoattack.examples} is more than examples = "
                              f"{self.examples}")
         return self
@@ -343,7 +422,7 @@ class ChainFinetune(Section):
 class DenoisedSmoothingSettings(Section):
     """Certified robustness of denoise-then-classify chains (denoised smoothing), with the certify settings."""
 
-    test_every: Count  # certify every k-th example of the test split
+    test_every: Count  # certify every k-th of the examples `certify` certifies
     finetune: ChainFinetune
     chains: dict[Name, ChainSpec]
 

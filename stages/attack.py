@@ -9,6 +9,7 @@ import typer
 from dmae.data import load_split, read_meta
 from dmae.defense.robustness import Chain, attack_examples, evaluate_chains
 from dmae.report.attack import write_attack_outputs
+from dmae.util import distributed as dist
 from stages import paths, resolved
 from stages.common import PARAMS_OPTION, check_prepared, setup, user_errors, work_state, write_settings
 
@@ -31,7 +32,7 @@ def main(
     blocks) and OUT/settings.json. Resumes after an interruption from the last finished (classifier, test sigma)
     row.
     """
-    params, runtime, device = setup(params_path)
+    params, runtime, device = setup(params_path, example_parallel=True)
     cfg = params.attack
     check_prepared(data, params)
     settings = resolved.attack(params)
@@ -43,11 +44,13 @@ def main(
                             paths.pretrained(spec.denoiser, models) if spec.denoiser else None,
                             how.norm_pix_loss if how else True, how.reconstruct_groups if how else 1))
     inputs = [data, *sorted({p for c in chains for p in (c.classifier, c.denoiser) if p})]
+    device = dist.init_from_env(device)
     with work_state("attack", out, settings, inputs) as state:
-        x, y = attack_examples(load_split(data, "test"), cfg.examples, cfg.seed)
-        rows, shown = evaluate_chains(chains, params.model.config(meta), meta["num_classes"], x, y, cfg,
-                                      device=device, state_path=state.path("rows.pt"), show=SHOW,
-                                      progress=runtime.progress)
-        write_attack_outputs(rows, shown, params, len(x), out)
-        write_settings(out / "settings.json", settings)
+        x, y, ranks = attack_examples(load_split(data, "test"), cfg.examples, cfg.seed, runtime.workers)
+        result = evaluate_chains(chains, params.model.config(meta), meta["num_classes"], x, y, cfg, device=device,
+                                 state_dir=state.folder, ranks=ranks, show=SHOW, progress=runtime.progress)
+        if dist.is_main():
+            write_attack_outputs(*result, params, len(x), out)
+            write_settings(out / "settings.json", settings)
+        dist.barrier()
         state.finish()

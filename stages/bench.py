@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -188,3 +189,41 @@ def denoisers(
             f"{1000 * denoising_mse(model, images, s, how.norm_pix_loss, how.reconstruct_groups):.1f}"
             for s in sigmas) + " |")
     say("\n".join(lines))
+
+
+@user_errors
+def input_pipeline(
+    images: int = typer.Option(200, min=1, help="Fabricated JPEGs to read per round."),
+    rounds: int = typer.Option(3, min=1, help="Rounds per case (the best counts)."),
+    out: Path = typer.Option(Path("bench-input.md"), help="Markdown tables."),
+) -> None:
+    """The ImageNet input pipeline per CPU core (decode + each stage's transforms) on fabricated JPEGs of
+    ImageNet's size and quality, and the cores per GPU each preset's training needs to keep up."""
+    from tools.input_bench import fabricate_jpegs, markdown, measure
+
+    with tempfile.TemporaryDirectory(prefix="dmae-input-") as folder:
+        jpegs = fabricate_jpegs(Path(folder), images)
+        table = f"{machine(torch.device('cpu'))['cpu']}\n\n" + markdown(measure(jpegs, rounds), jpegs)
+    atomic_write_text(out, table)
+    say(table)
+
+
+@user_errors
+def pipeline(
+    params_path: Path = PARAMS_OPTION,
+    out: Path = typer.Option(Path("bench-pipeline.md"), help="Markdown table; the measurements go beside it as "
+                                                               ".json."),
+    root: Path = typer.Option(Path("."), help="The project tree to copy and run (e.g. a checkout of an older "
+                                              "commit, to compare): its own code runs its stages."),
+) -> None:
+    """Run `dvc repro` of the params file in a fresh copy of the project and measure every stage: seconds,
+    start-up seconds (process start to its main work), work in FLOPs and the share of this machine's fp32 peak.
+    Take it with nothing else running."""
+    from tools.pipeline_bench import markdown, run
+
+    report = run(root.resolve(), params_path)
+    report["machine"] = machine(torch.device("cpu"))
+    table = f"{report['machine']['cpu']}\n\n" + markdown(report)
+    atomic_write_text(out, table)
+    write_json(out.with_suffix(".json"), report)
+    say(table)

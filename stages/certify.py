@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import typer
+from torch.utils.data import Dataset, Subset
 
 from dmae.data import load_split, read_meta
 from dmae.models.classifier import load_classifier
@@ -34,6 +35,12 @@ def fingerprint_path(shard: Path) -> Path:
     return shard.with_suffix(".fingerprint.json")
 
 
+def certified_examples(data: Path, every: int) -> Dataset:
+    """Every `every`-th example of the test split (params certify.test_every); the TSVs' idx counts these."""
+    test = load_split(data, "test")
+    return Subset(test, range(0, len(test), every))
+
+
 @user_errors
 def main(
     sigma: float = typer.Option(..., help="Noise level (one of params `sigmas`)."),
@@ -44,14 +51,14 @@ def main(
     shard: str = typer.Option("0/1", help="Certify only shard i of k (every k-th example from the i-th); "
                                           "merge the shards with `dmae certify-merge`."),
 ) -> None:
-    """Certify every example of the test split with params `certify` (method, N0, N or n_max, alpha); resumes
-    after an interruption.
+    """Certify every certify.test_every-th example of the test split with params `certify` (method, N0, N or
+    n_max, alpha); resumes after an interruption.
 
     Writes OUT with one row per example: idx label predict radius correct samples votes (predict -1 = abstain;
     samples: estimation samples used; votes: of them, those for the selected class), OUT's .settings.json, and
     seconds per example to results/timings/ (not a DVC output: times vary from run to run).
     """
-    params, runtime, device = setup(params_path)
+    params, runtime, device = setup(params_path, example_parallel=True)
     check_sigma(sigma, params.sigmas)
     c = params.certify
     check_certify_args(n0=c.n0, n=c.n, alpha=c.alpha, batch_size=c.batch_size)
@@ -66,7 +73,7 @@ def main(
     target = out if k == 1 else shard_path(out, i, k)
     settings = resolved.certify(params, sigma)
     with work_state("certify", target, settings, [data, model]) as state:
-        whole = certify_split(smooth, load_split(data, "test"), out, work_dir=state.folder, shard=(i, k),
+        whole = certify_split(smooth, certified_examples(data, c.test_every), out, work_dir=state.folder, shard=(i, k),
                               timing=paths.timing(target), progress=runtime.progress, n0=c.n0,
                               n=c.n if c.method == "cohen" else c.n_max, alpha=c.alpha, batch_size=c.batch_size,
                               method=c.method, radii=params.report.radii)
@@ -105,6 +112,6 @@ def merge(
             changed = changed_keys(recorded, expected)
             raise UserError(f"{part} was certified from other inputs than the params, model and data give now "
                             f"({', '.join(changed[:6])} differ); certify it again")
-    merge_shards(parts, out, range(len(load_split(data, "test"))))
+    merge_shards(parts, out, range(len(certified_examples(data, params.certify.test_every))))
     write_settings(out.with_suffix(".settings.json"), settings)
 

@@ -30,10 +30,11 @@ def main(
     models: Path = typer.Option(paths.MODELS, help="Models folder: the chain's denoiser and classifier are read."),
     out: Path = typer.Option(None, help="Output TSV [default: results/chains/CHAIN/sigma-SIGMA.tsv]."),
 ) -> None:
-    """Certify every denoised_smoothing.test_every-th test example through the chain's base classifier: the
-    noisy sample, reconstructed in one step by the frozen denoiser at SIGMA, labelled by the classifier. Settings
-    and TSV as `dmae certify` (idx counts the certified examples: test example idx * test_every)."""
-    params, runtime, device = setup(params_path)
+    """Certify every denoised_smoothing.test_every-th example that `dmae certify` certifies through the chain's
+    base classifier: the noisy sample, reconstructed in one step by the frozen denoiser at SIGMA, labelled by the
+    classifier. Settings and TSV as `dmae certify` (idx counts the chain's examples: `dmae certify`'s idx * the
+    chain's test_every)."""
+    params, runtime, device = setup(params_path, example_parallel=True)
     check_sigma(sigma, params.sigmas)
     chains, c = params.denoised_smoothing.chains, params.certify
     if chain not in chains:
@@ -53,7 +54,7 @@ def main(
                     how.norm_pix_loss, how.reconstruct_groups).to(device)
     smooth = Smooth(base, meta["num_classes"], sigma, seed=c.seed, precision=c.precision)
     test = load_split(data, "test")
-    examples = Subset(test, range(0, len(test), params.denoised_smoothing.test_every))
+    examples = Subset(test, range(0, len(test), c.test_every * params.denoised_smoothing.test_every))
     out = out or paths.chain_certification(chain, sigma)
     settings = resolved.certify_chain(params, sigma, chain)
     with work_state("certify", out, settings, [data, denoiser_dir, classifier_dir]) as state:

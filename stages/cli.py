@@ -8,6 +8,7 @@ the library (each costs seconds), and `dvc repro` starts one process per stage. 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import typer
@@ -26,13 +27,16 @@ COMMANDS = {  # command -> module:function
     "report": "stages.report:main",
     "import-checkpoint": "stages.import_checkpoint:main",
     "use-preset": "stages.use_preset:main",
+    "rehearse": "stages.rehearse:main",
     "bench": "stages.bench:main",
     "bench-methods": "stages.bench:methods",
     "bench-denoisers": "stages.bench:denoisers",
+    "bench-input": "stages.bench:input_pipeline",
+    "bench-pipeline": "stages.bench:pipeline",
 }
 HELP = ("dmae: denoising (masked) autoencoders for certified and adversarial robustness.\n\n"
         "Each command is one DVC stage; `dvc repro` runs them in order. Settings come from params.yaml; "
-        "DMAE_DEVICE, DMAE_WORKERS, DMAE_PROGRESS and DMAE_STATE_DIR tune the machine.")
+        "DMAE_DEVICE, DMAE_NPROC, DMAE_WORKERS, DMAE_PROGRESS and DMAE_STATE_DIR tune the machine.")
 
 
 def build(names) -> typer.Typer:
@@ -47,8 +51,46 @@ def build(names) -> typer.Typer:
     return app
 
 
+TRAINING = {"pretrain", "finetune", "finetune-defense", "finetune-chain"}  # DMAE_NPROC processes (default 1)
+EXAMPLE_PARALLEL = {"certify", "certify-chain", "attack"}  # default: every core (CPU) or every GPU
+
+
+def processes(command: str) -> int:
+    """How many processes run `command`: DMAE_NPROC when set; else, for the example-parallel stages, one per
+    CPU core (one thread each) or one per GPU; else 1."""
+    nproc = os.environ.get("DMAE_NPROC", "")
+    if nproc:
+        if not nproc.isdigit() or int(nproc) < 1:
+            print(f"error: DMAE_NPROC={nproc!r}: expected a whole number of processes >= 1", file=sys.stderr)
+            sys.exit(2)
+        return int(nproc)
+    if command not in EXAMPLE_PARALLEL:
+        return 1
+    device = os.environ.get("DMAE_DEVICE", "auto")
+    if device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.device_count()
+    if device.startswith("cuda"):  # cuda:N, or CUDA missing (the stage says so)
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def launch_processes(command: str) -> None:
+    """Replace this process by torchrun running the same command in `processes(command)` processes when that is
+    more than one (gloo on CPU, one GPU each on CUDA). Under torchrun, nothing."""
+    if command not in TRAINING | EXAMPLE_PARALLEL or "LOCAL_RANK" in os.environ:
+        return
+    if (nproc := processes(command)) > 1:
+        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc-per-node={nproc}", "-m", "stages.cli", *sys.argv[1:]])
+
+
 def main() -> None:
     wanted = [sys.argv[1]] if len(sys.argv) > 1 and sys.argv[1] in COMMANDS else list(COMMANDS)
+    if len(wanted) == 1:
+        launch_processes(wanted[0])
     build(wanted)()
 
 

@@ -50,12 +50,17 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def setup(params_path: Path) -> tuple[Params, Runtime, torch.device]:
-    """Validate params and environment before any work; set the CPU threads (params cpu_threads)."""
+EXAMPLE_PARALLEL_THREADS = 1  # CPU threads of every process of an example-parallel stage (see `setup`)
+
+
+def setup(params_path: Path, example_parallel: bool = False) -> tuple[Params, Runtime, torch.device]:
+    """Validate params and environment before any work; set the CPU threads: params cpu_threads, or for the
+    example-parallel stages (certify, certify-chain, attack) one per process whatever the process count, so that
+    their results do not depend on how many processes share the examples."""
     params = load_params(params_path)
     runtime = load_runtime()
     device = runtime.torch_device()
-    torch.set_num_threads(params.cpu_threads)
+    torch.set_num_threads(EXAMPLE_PARALLEL_THREADS if example_parallel else params.cpu_threads)
     return params, runtime, device
 
 
@@ -65,7 +70,10 @@ def check_sigma(sigma: float, sigmas: list[float]) -> None:
 
 
 def check_prepared(data: Path, params: Params) -> None:
-    """The prepared data set must be the one params.data describes (a stale data/prepared is refused)."""
+    """The prepared data set must exist and be the one params.data describes (a stale data/prepared is refused)."""
+    if not (data / "meta.json").is_file():
+        raise UserError(f"{data / 'meta.json'} not found; run the data preparation stage first (dvc repro, or the "
+                        f"dmae prepare command)")
     path = data / "settings.json"
     if not path.is_file():  # prepared by the library directly: nothing recorded to compare
         return
@@ -87,7 +95,12 @@ def write_settings(path: Path, settings: dict) -> None:
 
 def work_state(stage: str, output: Path, settings: dict, inputs: list[Path]) -> WorkState:
     """The work in progress of `output` (use as a context manager): locked, and resumed only by a run with the
-    same settings, the same inputs (content hashes of the models and data it reads) and the same code."""
+    same settings, the same inputs (content hashes of the models and data it reads) and the same code.
+
+    An input that does not exist is a UserError here, before anything (a lock, a fingerprint) is written."""
+    if missing := [p for p in inputs if not Path(p).exists()]:
+        raise UserError(f"{missing[0]} not found: {output} is made from it; run the stages before this one "
+                        f"first (`dvc repro` runs them in order)")
     fingerprint = {"settings": settings, "inputs": {str(p): content_hash(p) for p in inputs},
                    "code": code_version(Path(dmae.__file__).parent, Path(stages.__file__).parent)}
     return WorkState(Path(os.environ.get("DMAE_STATE_DIR", STATE_ROOT)), stage, output, fingerprint)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dmae.settings import MAIN_DENOISER
+from dmae.util.errors import UserError
 
 PREPARED = Path("data/prepared")
 MODELS = Path("models")
@@ -19,6 +20,20 @@ ATTACK_RESULTS = Path("results/attack")
 CHAIN_RESULTS = Path("results/chains")  # certification of the denoise-then-classify chains
 REPORT = Path("results/report")
 SETTINGS = Path("results/settings")  # the resolved settings of every stage (the `settings` stage)
+PRESETS = Path("presets")  # complete params files at paper scale
+
+
+def presets(folder: Path = PRESETS) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def preset_file(name: str) -> Path:
+    """presets/NAME.yaml, or a UserError listing the presets there are."""
+    path = PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(presets()) or f"none (run from the project root, where {PRESETS}/ is)"
+        raise UserError(f"unknown preset {name!r}; presets: {known}")
+    return path
 
 
 def pretrained(name: str, models: Path = MODELS) -> Path:

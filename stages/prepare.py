@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -19,9 +20,12 @@ def main(
     """Prepare data.dataset (digits ships with scikit-learn; cifar10 and imagenet are read from data.root).
 
     Writes OUT/{train,val,test} (tensors, or an image index for ImageNet), OUT/meta.json and the settings used.
+    ImageNet's images are decoded once here, in DMAE_WORKERS processes (every core when 0): a file that does not
+    decode stops the pipeline before any training.
     """
-    params, _, _ = setup(params_path)
-    meta = prepare_dataset(params.data.dataset, out, **params.data.prepare_options())
+    params, runtime, _ = setup(params_path)
+    meta = prepare_dataset(params.data.dataset, out, workers=runtime.workers or os.cpu_count() or 1,
+                           **params.data.prepare_options())
     write_settings(out / "settings.json", resolved.prepare(params))
     sizes = ", ".join(f"{k} {v}" for k, v in meta.get("splits", {}).items())
     print(f"prepared {params.data.dataset}: {sizes}")

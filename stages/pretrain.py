@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from dmae.models.imports import check_init_from
 from dmae.settings import MAIN_DENOISER
 from dmae.train.pretrain import pretrain_autoencoder
 from dmae.util import distributed as dist
@@ -41,6 +42,8 @@ def main(
     out, results = out or paths.pretrained(name), results or paths.pretrain_results(name)
     check_prepared(data, params)
     settings = resolved.pretrain(params, variant)
+    if cfg.init_from:
+        check_init_from(cfg.init_from)
     inputs = [data] + ([Path(cfg.init_from)] if cfg.init_from else [])
     with work_state("pretrain", out, settings, inputs) as state:
         pretrain_autoencoder(cfg, params.model, data, out=out, results=results, device=device,

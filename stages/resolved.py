@@ -2,7 +2,9 @@
 
 Written beside a stage's outputs (settings.json), part of the fingerprint of its work in progress, and written by
 the `settings` stage into results/settings/ (one file per stage and matrix item), which is what the expensive
-stages of dvc.yaml depend on: a stage reruns only when its own resolved settings change.
+stages of dvc.yaml depend on: a stage reruns only when its own resolved settings change. The example-parallel
+stages (certify, certify_chain, attack) run one thread per process (stages/common.py), so cpu_threads is not
+among their settings.
 """
 
 from __future__ import annotations
@@ -37,8 +39,7 @@ def certify(params: Params, sigma: float) -> dict:
     else:
         del c["n"]
         c["radii"] = list(params.report.radii)
-    return {"data": _dump(params.data), "model": _dump(params.model), "cpu_threads": params.cpu_threads,
-            "certify": c, "sigma": sigma}
+    return {"data": _dump(params.data), "model": _dump(params.model), "certify": c, "sigma": sigma}
 
 
 def finetune_defense(params: Params, name: str) -> dict:
@@ -70,8 +71,7 @@ def attack(params: Params) -> dict:
         how = params.denoiser_settings(spec.denoiser) if spec.denoiser else None
         chains[name] = {**_dump(spec), "norm_pix_loss": how.norm_pix_loss if how else None,
                         "groups": how.reconstruct_groups if how else None}
-    return {"data": _dump(params.data), "model": _dump(params.model), "cpu_threads": params.cpu_threads,
-            "attack": _dump(params.attack), "chains": chains}
+    return {"data": _dump(params.data), "model": _dump(params.model), "attack": _dump(params.attack), "chains": chains}
 
 
 def report(params: Params) -> dict:

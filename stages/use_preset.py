@@ -7,16 +7,10 @@ from pathlib import Path
 import typer
 
 from dmae.settings import load_params
-from dmae.util.errors import UserError
 from dmae.util.io import atomic_write_text
 from dmae.util.progress import say
+from stages import paths
 from stages.common import user_errors
-
-PRESETS_DIR = Path("presets")
-
-
-def available(folder: Path = PRESETS_DIR) -> list[str]:
-    return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
 @user_errors
@@ -28,10 +22,7 @@ def main(
 
     Equivalent to `cp presets/NAME.yaml params.yaml`, but refuses an unknown or invalid preset.
     """
-    source = PRESETS_DIR / f"{name}.yaml"
-    if not source.is_file():
-        known = ", ".join(available()) or f"none (run from the project root, where {PRESETS_DIR}/ is)"
-        raise UserError(f"unknown preset {name!r}; presets: {known}")
+    source = paths.preset_file(name)
     load_params(source)
     atomic_write_text(params_path, source.read_text(encoding="utf-8"))
     say(f"{params_path} now holds {source} (`git diff {params_path}` shows what changed); "

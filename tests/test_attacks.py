@@ -117,11 +117,11 @@ def test_input_gradient_eot_is_the_mean_of_single_draws(trained):
     assert torch.allclose(averaged, sum(draws) / 4, atol=1e-6)
 
 
-def test_pgd_eot_runs_k_passes_per_step(trained):
+def test_pgd_eot_runs_k_draws_per_step_in_one_batch(trained):
     model, x, y = trained
     counting = Counting(Noisy(model, sigma=0.1))
     pgd(counting, x, y, eps=0.05, steps=3, step_size=0.01, eot=5)
-    assert counting.calls == 15
+    assert counting.rows == [5 * len(x)] * 3
 
 
 def test_square_attack_breaks_the_model_with_forward_calls_only(trained):
@@ -167,7 +167,7 @@ def test_robust_accuracy_averages_over_draws(trained):
     model, x, y = trained
     counting = Counting(Noisy(model, sigma=0.5))
     acc = robust_accuracy(counting, x, y, draws=5)
-    assert counting.calls == 5 and counting.grad_calls == 0
+    assert counting.rows == [5 * len(x)] and counting.grad_calls == 0
     assert 0 < acc < 1 and acc * 5 * len(x) == pytest.approx(round(acc * 5 * len(x)))
 
 
@@ -221,6 +221,18 @@ def test_autoattack_rand_attacks_a_randomized_model(trained):
     x_adv = autoattack(noisy, x, y, eps=0.2, version="rand")
     assert _in_budget(x_adv, x, 0.2)
     assert robust_accuracy(noisy, x_adv, y, draws=3) <= 0.1
+
+
+def test_autoattack_passes_on_its_reliability_warnings_and_takes_a_budget(trained):
+    """'standard' on a randomized model: the package warns that 'rand' is the version to use; the warning
+    comes back to the caller (the report's sanity table) instead of only going to the log."""
+    pytest.importorskip("pyautoattack")
+    model, x, y = trained
+    said: list[str] = []
+    x_adv = autoattack(Noisy(model, sigma=0.05), x[:8], y[:8], eps=0.1, iterations=2, target_classes=2,
+                       square_queries=4, warnings=said)
+    assert _in_budget(x_adv, x[:8], 0.1)
+    assert any("randomized defense" in message for message in said), said
 
 
 def test_autoattack_needs_enough_classes():

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import re
-import struct
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +17,12 @@ from sklearn.datasets import load_digits
 from dmae.data import load_split, prepare_dataset, read_meta
 from dmae.data.cifar10 import safe_unpickle
 from dmae.util.errors import UserError
+from tools.fabricate import cifar10_files, imagenet_tree, official_pickle, write_cifar10_archive, write_cifar10_folder
+
+
+FLIP = {"crop_scale": None, "crop_ratio": None, "hflip": 0.5, "rand_augment": None, "erase_prob": 0.0,
+        "erase_mode": "const", "erase_count": 1}
+PAPER = {**FLIP, "crop_scale": (0.08, 1.0), "crop_ratio": (0.75, 4 / 3), "rand_augment": "rand-m9-mstd0.5-inc1"}
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
@@ -58,7 +61,7 @@ def test_digits_items_and_stratification(digits_dir):
         x, y = ds[0]
         assert len(ds) == n and x.dtype == torch.float32 and x.shape == (1, 16, 16)
         assert 0 <= x.min() and x.max() <= 1 and isinstance(y, int)
-    for augment in ("flip", "rrc_flip"):
+    for augment in (FLIP, PAPER):
         x, _ = load_split(digits_dir, "train", augment=augment)[3]
         assert x.shape == (1, 16, 16) and 0 <= x.min() and x.max() <= 1
 
@@ -114,74 +117,16 @@ def test_missing_prepared_split(tmp_path, digits_dir):
 
 # ---------------------------------------------------------------- CIFAR-10
 
-CIFAR_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
 PER_BATCH = 4
 
 
-def fake_cifar_batches(seed: int = 0):
-    """Official format: dict of bytes keys; 'data' uint8 [N, 3072] as R plane, G plane, B plane. Returns the
-    pickled files and the HWC images written into them, per batch name."""
-    rng = np.random.default_rng(seed)
-    files, images_hwc = {}, {}
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for b, name in enumerate(names):
-        hwc = rng.integers(0, 256, size=(PER_BATCH, 32, 32, 3), dtype=np.uint8)
-        rows = hwc.transpose(0, 3, 1, 2).reshape(PER_BATCH, 3072)
-        labels = [(b * PER_BATCH + i) % 10 for i in range(PER_BATCH)]
-        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": rows,
-                 b"filenames": [f"img{i}.png".encode() for i in range(PER_BATCH)]}
-        files[name], images_hwc[name] = official_pickle(batch), (hwc, labels)
-    files["batches.meta"] = official_pickle({b"label_names": CIFAR_NAMES, b"num_vis": 3072,
-                                             b"num_cases_per_batch": PER_BATCH})
-    return files, images_hwc
-
-
-class Py2Pickler(pickle._Pickler):
-    """Writes str and bytes as Python 2 byte strings, as in the official batches (pickled by Python 2)."""
-
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def save_py2_string(self, obj):
-        data = obj.encode("latin1") if isinstance(obj, str) else obj
-        if len(data) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
-        self.memoize(obj)
-
-    dispatch[str] = save_py2_string
-    dispatch[bytes] = save_py2_string
-
-
-def official_pickle(obj) -> bytes:
-    buffer = io.BytesIO()
-    Py2Pickler(buffer, protocol=2).dump(obj)
-    # the official batches name NumPy 1's module path; NumPy 2 writes numpy._core
-    return buffer.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
-
-
-def write_cifar_folder(root: Path, files: dict[str, bytes]) -> Path:
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    for name, data in files.items():
-        (folder / name).write_bytes(data)
-    return folder
-
-
-def write_cifar_archive(root: Path, files: dict[str, bytes]) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    archive = root / "cifar-10-python.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return archive
+def fake_cifar_batches():
+    return cifar10_files(PER_BATCH)
 
 
 def test_cifar_folder_pixels_labels_and_layout(tmp_path):
     files, written = fake_cifar_batches()
-    write_cifar_folder(tmp_path / "raw", files)
+    write_cifar10_folder(tmp_path / "raw", files)
     meta = prepare_dataset("cifar10", tmp_path / "out", root=tmp_path / "raw", val_fraction=0.0)
     assert meta["splits"] == {"train": 20, "val": 0, "test": 4}
     assert meta["class_names"][0] == "airplane" and meta["channels"] == 3 and meta["image_size"] == 32
@@ -200,8 +145,8 @@ def test_cifar_folder_pixels_labels_and_layout(tmp_path):
 
 def test_cifar_archive_matches_folder_and_splits(tmp_path):
     files, _ = fake_cifar_batches()
-    write_cifar_folder(tmp_path / "raw_dir", files)
-    write_cifar_archive(tmp_path / "raw_tar", files)
+    write_cifar10_folder(tmp_path / "raw_dir", files)
+    write_cifar10_archive(tmp_path / "raw_tar", files)
     options = dict(val_fraction=0.5, seed=3, test_every=2)
     prepare_dataset("cifar10", tmp_path / "a", root=tmp_path / "raw_dir", **options)
     meta = prepare_dataset("cifar10", tmp_path / "b", root=tmp_path / "raw_tar", **options)
@@ -226,7 +171,7 @@ def test_cifar_refuses_forbidden_global(tmp_path):
 
     files, _ = fake_cifar_batches()
     files["data_batch_2"] = pickle.dumps({b"data": Exploit(), b"labels": [0]}, protocol=2)
-    write_cifar_folder(tmp_path / "raw", files)
+    write_cifar10_folder(tmp_path / "raw", files)
     with pytest.raises(UserError, match="not allowed") as err:
         prepare_dataset("cifar10", tmp_path / "out", root=tmp_path / "raw")
     assert "data_batch_2" in str(err.value) and "system" in str(err.value)
@@ -240,11 +185,11 @@ def test_cifar_missing_root_and_missing_batch(tmp_path):
 
     files, _ = fake_cifar_batches()
     del files["data_batch_3"]
-    folder = write_cifar_folder(tmp_path / "raw", files)
+    folder = write_cifar10_folder(tmp_path / "raw", files)
     with pytest.raises(UserError, match="data_batch_3") as err:
         prepare_dataset("cifar10", tmp_path / "out", root=tmp_path / "raw")
     assert str(folder) in str(err.value)
-    archive = write_cifar_archive(tmp_path / "raw_tar", files)
+    archive = write_cifar10_archive(tmp_path / "raw_tar", files)
     with pytest.raises(UserError, match="data_batch_3") as err:
         prepare_dataset("cifar10", tmp_path / "out", root=tmp_path / "raw_tar")
     assert str(archive) in str(err.value)
@@ -261,7 +206,7 @@ def test_cifar_malformed_batch(tmp_path, field, value, message):
     batch = pickle.loads(files["test_batch"], encoding="latin1")
     batch[field.decode()] = value
     files["test_batch"] = official_pickle(batch)
-    write_cifar_folder(tmp_path / "raw", files)
+    write_cifar10_folder(tmp_path / "raw", files)
     with pytest.raises(UserError, match=message) as err:
         prepare_dataset("cifar10", tmp_path / "out", root=tmp_path / "raw")
     assert "test_batch" in str(err.value)
@@ -308,7 +253,7 @@ def test_imagenet_index_classes_and_subsets(tmp_path):
     all_val = sorted(f"val/{w}/{w}_{i}.{'PNG' if i % 2 else 'JPEG'}" for w in sorted(WNIDS) for i in range(5))
     assert [rel for rel, _ in test] == all_val[::2]
 
-    for augment in ("none", "flip", "rrc_flip"):
+    for augment in (None, FLIP, PAPER):
         ds = load_split(tmp_path / "out", "train", augment=augment)
         x, y = ds[0]
         assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
@@ -317,11 +262,45 @@ def test_imagenet_index_classes_and_subsets(tmp_path):
     assert x.shape == (3, 16, 16) and y == test[7][1]
 
 
-def test_imagenet_unreadable_image(tmp_path):
+@pytest.mark.parametrize("damage", ["truncated", "not an image"])
+def test_imagenet_prepare_refuses_an_image_that_does_not_decode(tmp_path, damage):
+    """Found before any training: one line naming the file, and nothing written."""
     root = fake_imagenet(tmp_path / "imagenet")
+    broken = root / "train" / "n03" / "n03_2.JPEG"
+    broken.write_bytes(broken.read_bytes()[:-40] if damage == "truncated" else b"definitely not a jpeg")
+    with pytest.raises(UserError) as err:
+        prepare_dataset("imagenet", tmp_path / "out", root=root, image_size=16, val_fraction=0.25, test_every=1,
+                        workers=2)
+    message = str(err.value)
+    assert message.startswith(f"cannot decode image {broken} (") and "\n" not in message
+    assert ("truncated" if damage == "truncated" else "cannot identify image file") in message
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_imagenet_quirks_load_as_rgb(tmp_path):
+    """ImageNet's grayscale and CMYK JPEGs and its PNG under a .JPEG name are read as 3-channel RGB."""
+    root = tmp_path / "imagenet"
+    quirks = imagenet_tree(root, classes=2, train_per_class=4, val_per_class=1)
+    modes = {}
+    for quirk, path in quirks.items():
+        with Image.open(path) as image:
+            modes[quirk] = (image.format, image.mode)
+    assert modes == {"grayscale": ("JPEG", "L"), "cmyk": ("JPEG", "CMYK"), "png": ("PNG", "RGB")}
+    prepare_dataset("imagenet", tmp_path / "out", root=root, image_size=32, val_fraction=0.0, test_every=1)
+    train = load_split(tmp_path / "out", "train")
+    position = {rel: i for i, rel in enumerate(train.paths)}
+    for path in quirks.values():
+        x, _ = train[position[str(path.relative_to(root))]]
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    gray, _ = train[position[str(quirks["grayscale"].relative_to(root))]]
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+
+
+def test_imagenet_image_damaged_after_prepare_is_refused_when_loaded(tmp_path):
+    root = fake_imagenet(tmp_path / "imagenet")
+    prepare_dataset("imagenet", tmp_path / "out", root=root, image_size=16, val_fraction=0.0, test_every=1)
     broken = root / "val" / "n01" / "n01_0.JPEG"
     broken.write_bytes(b"definitely not a jpeg")
-    prepare_dataset("imagenet", tmp_path / "out", root=root, image_size=16, val_fraction=0.0, test_every=1)
     test = load_split(tmp_path / "out", "test")
     with pytest.raises(UserError, match="cannot read image") as err:
         test[0]

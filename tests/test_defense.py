@@ -110,7 +110,8 @@ def test_evaluate_is_deterministic_and_copies_what_is_equal_without_noise(parts)
                      on_column=lambda column, accuracy, seconds: run.append(column))
     assert plain.accuracy["gray_pgd"] == plain.accuracy["white_pgd"]
     assert plain.accuracy["white_fgsm_eot"] == plain.accuracy["white_fgsm"]
-    assert run == ["clean", "white_fgsm", "white_pgd", "square", "sweep_pgd_0", "sweep_pgd_0.5"]
+    assert run == ["clean", "white_fgsm", "white_pgd", "square", "sweep_pgd_0.5"]
+    assert plain.accuracy["sweep_pgd_0"] == plain.accuracy["clean"]  # PGD with eps 0 is not run: the clean image
 
     noisy = Defense(denoiser, classifier, 0.25)
     runs = [evaluate_defense(noisy, x, y, ATTACK, key=("c", 0.25), keep=2) for _ in range(2)]
@@ -125,13 +126,14 @@ def test_autoattack_runs_on_the_first_examples_at_its_test_sigmas_only(parts, mo
     denoiser, classifier, x, y = parts
     seen = []
 
-    def fake_autoattack(model, xb, yb, eps, version, seed, batch_size):
+    def fake_autoattack(model, xb, yb, eps, version, seed, batch_size, warnings, **budget):
+        assert budget == cfg.autoattack.budget.model_dump()  # the params' budget reaches the attack
         seen.append((version, len(xb)))
         return xb + (torch.arange(len(xb)) % 2 == 1).float()[:, None, None, None]  # odd ones: moved away
 
     monkeypatch.setattr(robustness, "autoattack", fake_autoattack)
-    monkeypatch.setattr(robustness, "robust_accuracy",  # correct unless moved
-                        lambda model, x_adv, yb: float((x_adv.flatten(1).amax(1) <= 1).float().mean()))
+    monkeypatch.setattr(robustness, "correct_per_draw",  # correct unless moved
+                        lambda model, x_adv, yb, draws: [int((x_adv.flatten(1).amax(1) <= 1).sum())] * draws)
     cfg = settings("attack", examples=4, batch_size=2, test_sigmas=[0.0, 0.25, 0.5], eot=1, draws=2,
                    pgd={"steps": 1}, square={"queries": 2}, eps_sweep=[],
                    autoattack={"versions": ["standard", "rand"], "examples": 3, "classifiers": ["c"],
@@ -155,6 +157,29 @@ def test_autoattack_runs_on_the_first_examples_at_its_test_sigmas_only(parts, mo
     assert seen == [] and high.accuracy["autoattack_standard"] is None and high.accuracy["autoattack_rand"] is None
 
 
+def test_attack_examples_all_or_a_seeded_count_and_autoattack_on_those_drawn_first(parts, monkeypatch):
+    """A class-sorted split (labels 0,0,...,9,9): `all` is every example in index order; a count is the first drawn
+    of the same seeded order, so AutoAttack's examples (ranks below its count) are a random subset of them."""
+    labels = torch.arange(40) // 4
+    split = torch.utils.data.TensorDataset(torch.rand(40, 1, 4, 4), labels)
+    x, y, ranks = robustness.attack_examples(split, "all", seed=3)
+    assert torch.equal(y, labels) and sorted(ranks.tolist()) == list(range(40))
+    few_x, few_y, few_ranks = robustness.attack_examples(split, 12, seed=3, workers=2)
+    assert torch.equal(few_x, x[ranks < 12]) and torch.equal(few_y, y[ranks < 12])
+    assert torch.equal(few_ranks, ranks[ranks < 12])
+    assert len(set(y[ranks < 5].tolist())) > 2  # the first five drawn are not the first classes
+
+    denoiser, classifier, xs, ys = parts
+    seen = []
+    monkeypatch.setattr(robustness, "autoattack", lambda model, xb, *args, **kwargs: seen.append(xb) or xb)
+    cfg = settings("attack", examples=4, batch_size=4, test_sigmas=[0.0], eot=1, draws=1, pgd={"steps": 1},
+                   square={"queries": 2}, eps_sweep=[], autoattack={"versions": ["standard"], "examples": 2,
+                                                                  "classifiers": ["c"], "test_sigmas": [0.0]})
+    evaluate_defense(Defense(denoiser, classifier, 0.0), xs, ys, cfg, key=("c", 0.0),
+                     autoattack=("autoattack_standard",), ranks=torch.tensor([3, 0, 2, 1]))
+    assert len(seen) == 1 and torch.equal(seen[0], xs[[1, 3]])  # ranks 0 and 1, in index order
+
+
 @pytest.mark.parametrize("raw, message", [
     ({"attack": {"eps": 1.5}}, "attack.eps = 1.5"),
     ({"attack": {"pgd": {"steps": 0}}}, "attack.pgd.steps = 0"),
@@ -162,6 +187,8 @@ def test_autoattack_runs_on_the_first_examples_at_its_test_sigmas_only(parts, mo
     ({"attack": {"autoattack": {"versions": ["fast"]}}}, "attack.autoattack.versions.0 = 'fast'"),
     ({"attack": {"autoattack": {"test_sigmas": [0.5]}}}, "autoattack.test_sigmas [0.5] are not in test_sigmas"),
     ({"attack": {"autoattack": {"examples": 65}}}, "autoattack.examples = 65 is more than examples = 64"),
+    ({"attack": {"examples": "every"}}, "attack.examples = 'every'"),
+    ({"attack": {"autoattack": {"examples": 0}}}, "attack.autoattack.examples = 0"),
     ({"attack": {"autoattack": {"versions": ["rand", "rand"]}}}, "autoattack.versions has duplicates"),
     ({"attack": {"autoattack": ["standard"]}}, "attack.autoattack"),
     ({"attack": {"autoattack": {"classifiers": ["vit"]}}}, "attack.autoattack.classifiers ['vit']: not keys of"),
@@ -289,10 +316,10 @@ def test_defense_stages_end_to_end_deterministic_and_resumable(tiny_params, monk
     with monkeypatch.context() as m:
         m.setattr(robustness, "evaluate_defense", interrupted)
         assert _invoke("attack").exit_code == 130
-    assert any(Path("state").rglob("rows.pt"))  # the finished rows, kept for the rerun
+    assert any(Path("state").rglob("rows-0.pt"))  # the finished rows, kept for the rerun
     assert _invoke("attack").exit_code == 0
     assert first == {f: (out / f).read_bytes() for f in first}
-    assert not any(Path("state").rglob("rows.pt"))
+    assert not any(Path("state").rglob("rows-0.pt"))
 
 
 def test_mae_denoises_over_complementary_masks_predicting_each_patch_from_the_others():

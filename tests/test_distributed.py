@@ -1,7 +1,6 @@
 """torchrun with 2 CPU processes (gloo) computes what 1 process computes: pretrain, finetune and certify."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,12 +19,9 @@ from tests.conftest import TINY, params_with, settings
 
 
 def run(args, nproc=1, env=None):
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--no-python",
-                "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", "--max-restarts=0"]
-    dmae = shutil.which("dmae")
-    cmd = (launcher if nproc > 1 else []) + [dmae, *args]
-    result = subprocess.run(cmd, env={**os.environ, **(env or {}), "OMP_NUM_THREADS": "1"}, capture_output=True,
-                            text=True, timeout=600)
+    """`dmae ARGS` in `nproc` processes (DMAE_NPROC: the command relaunches itself under torchrun)."""
+    result = subprocess.run([sys.executable, "-m", "stages.cli", *args], capture_output=True, text=True, timeout=900,
+                            env={**os.environ, **(env or {}), "OMP_NUM_THREADS": "1", "DMAE_NPROC": str(nproc)})
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -64,3 +60,36 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
     rows_two = [(r.idx, r.predict, r.radius) for r in read_certify_tsv("n1b/cert.tsv")]
     assert rows_one == rows_two
     assert not list(Path("n1b").glob("*.shard-*"))
+
+
+@pytest.mark.slow
+def test_example_parallel_stages_write_the_same_bytes_with_one_and_two_processes(tmp_path, monkeypatch):
+    """certify, certify-chain and attack: one thread per process, examples (or attack rows) shared out among
+    the processes; every output DVC tracks is byte-identical for 1 and 2 processes."""
+    monkeypatch.chdir(tmp_path)
+    chain = {"input": "denoised", "encoder": "dmae", "denoiser": "dmae"}
+    params = params_with({**TINY, "defense": {"finetune": {"epochs": 1, "warmup_epochs": 0}},
+        "denoised_smoothing": {"test_every": 2, "finetune": {"denoiser": "dmae", "encoder": "dmae"}},
+        "attack": {"examples": 6, "batch_size": 3, "test_sigmas": [0.0, 0.25], "eot": 2, "draws": 2,
+                   "pgd": {"steps": 2}, "square": {"queries": 4}, "figure": "dmae",
+                   "autoattack": {"versions": ["standard"], "examples": 2, "classifiers": ["plain"],
+                                  "test_sigmas": [0.0], "budget": {"iterations": 2, "target_classes": 2,
+                                                                   "square_queries": 4, "eot_iter": 2}}}})
+    params["defense"] |= {"denoisers": {}, "classifiers": {"dmae": chain, "plain": {  # replaced whole, not merged
+        "input": "clean", "encoder": "dmae", "denoiser": None}}}
+    params["denoised_smoothing"]["chains"] = {"de3": {"denoiser": "dmae", "classifier": "dmae"}}
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    env = {"DMAE_STATE_DIR": str(tmp_path / "state"), "DMAE_PROGRESS": "0"}
+    for stage in (["prepare"], ["pretrain"], ["finetune", "--sigma", "0.25"], ["finetune-defense", "--classifier",
+                  "dmae"], ["finetune-defense", "--classifier", "plain"]):
+        run(stage, 1, env)
+    outputs = {}
+    for nproc in (1, 2):
+        out = Path(f"n{nproc}")
+        run(["certify", "--sigma", "0.25", "--out", f"{out}/cert.tsv"], nproc, env)
+        run(["certify-chain", "--sigma", "0.25", "--chain", "de3", "--out", f"{out}/chain.tsv"], nproc, env)
+        run(["attack", "--out", f"{out}/attack"], nproc, env)
+        outputs[nproc] = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+                          if p.is_file()}
+    assert set(outputs[1]) == set(outputs[2]) and "attack/metrics.json" in outputs[1]
+    assert [name for name in outputs[1] if outputs[1][name] != outputs[2][name]] == []

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from dmae.data import cifar10, imagenet
 from dmae.models.autoencoder import DenoisingMAE
 from dmae.models.classifier import Classifier
-from dmae.settings import Params, load_params
+from dmae.settings import AugmentSettings, Params, load_params
 from dmae.train.noise import add_noise
 from stages.cli import app
 from tests.conftest import params_with
@@ -26,49 +26,64 @@ IMAGENET_RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0]
 META = {"imagenet": {"channels": 3, "mean": imagenet.MEAN, "std": imagenet.STD},
         "cifar10": {"channels": 3, "mean": cifar10.MEAN, "std": cifar10.STD}}
 
+# Augmentation, as read in the reference code: MAE's main_pretrain.py (RandomResizedCrop scale 0.2-1 + flip);
+# DMAE's main_finetune.py / util/datasets.py (timm's create_transform with RandAugment rand-m9-mstd0.5-inc1 and
+# its default crop, but only its first two stages: erasing never runs); NIM's util/mae_dataset.py (the same
+# plus erasing 0.25, pixel mode, 1 box); DMAE's CIFAR-10 scripts (flip only).
+RRC = {"crop_ratio": (0.75, 4 / 3), "hflip": 0.5, "rand_augment": None, "erase_prob": 0.0, "erase_mode": "const",
+       "erase_count": 1}
+MAE_PRETRAIN_AUGMENT = AugmentSettings(**RRC, crop_scale=(0.2, 1.0))
+MAE_FINETUNE_AUGMENT = AugmentSettings(**{**RRC, "crop_scale": (0.08, 1.0), "rand_augment": "rand-m9-mstd0.5-inc1",
+                                          "erase_mode": "pixel"})
+NIM_FINETUNE_AUGMENT = MAE_FINETUNE_AUGMENT.model_copy(update={"erase_prob": 0.25})
+FLIP_ONLY = AugmentSettings(**{**RRC, "crop_scale": None, "crop_ratio": None})
+
 # REFERENCE.md section 1 (and section 2 for NIM pretraining), as dotted params keys.
 DMAE_PRETRAIN = {"pretrain.task": "dmae", "pretrain.mask_ratio": 0.75, "pretrain.noise.dist": "fixed",
                  "pretrain.noise.sigma": 0.25, "pretrain.norm_pix_loss": True, "pretrain.batch_size": 4096,
                  "pretrain.base_lr": 1.5e-4, "pretrain.weight_decay": 0.05, "pretrain.warmup_epochs": 40,
-                 "pretrain.augment": "rrc_flip", "pretrain.precision": "bf16"}
+                 "pretrain.augment": MAE_PRETRAIN_AUGMENT, "pretrain.precision": "bf16"}
 VIT_B_FINETUNE = {"finetune.epochs": 100, "finetune.batch_size": 1024, "finetune.base_lr": 5e-4,
                   "finetune.layer_decay": 0.65, "finetune.weight_decay": 0.05, "finetune.drop_path": 0.1,
                   "finetune.mixup": 0.8, "finetune.cutmix": 1.0, "finetune.label_smoothing": 0.1,
-                  "finetune.warmup_epochs": 5, "finetune.min_lr": 1e-6}
+                  "finetune.warmup_epochs": 5, "finetune.min_lr": 1e-6, "finetune.augment": MAE_FINETUNE_AUGMENT}
 CONSISTENCY = {"finetune.consistency.enabled": True, "finetune.consistency.m": 2, "finetune.consistency.lam": 2.0,
                "finetune.consistency.eta": {0.25: 0.5, 0.5: 0.5, 1.0: 0.1}}
-IMAGENET_CERTIFY = {"data.dataset": "imagenet", "data.image_size": 224, "data.test_every": 50,
-                    "model.img_size": 224, "model.patch_size": 16, "sigmas": [0.25, 0.5, 1.0],
-                    "certify.n0": 100, "certify.n": 10_000, "certify.alpha": 0.001, "report.radii": IMAGENET_RADII}
+IMAGENET_CERTIFY = {"data.dataset": "imagenet", "data.image_size": 224, "data.val_fraction": 0.0,
+                    "data.test_every": 1, "certify.test_every": 50, "model.img_size": 224, "model.patch_size": 16,
+                    "sigmas": [0.25, 0.5, 1.0], "certify.n0": 100, "certify.n": 10_000, "certify.alpha": 0.001,
+                    "report.radii": IMAGENET_RADII}
 ATTACK = {"attack.eps": 4 / 255, "attack.test_sigmas": [0.0, 70 / 255, 140 / 255], "attack.pgd.steps": 10,
           "attack.pgd.step_size": 2 / 255, "attack.pgd.random_start": True, "attack.square.queries": 5000,
-          "attack.autoattack.versions": ["standard", "rand"], "attack.autoattack.examples": 1000,
-          "defense.train_sigma_max": 30 / 255}
+          "attack.autoattack.versions": ["standard", "rand"], "defense.train_sigma_max": 30 / 255}
+IMAGENET_ATTACK = {**ATTACK, "attack.examples": "all", "attack.autoattack.examples": 5000}  # all 50,000 val images
 EXPECTED = {
-    "imagenet-dmae-vit-b": {**DMAE_PRETRAIN, **VIT_B_FINETUNE, **CONSISTENCY, **IMAGENET_CERTIFY, **ATTACK,
+    "imagenet-dmae-vit-b": {**DMAE_PRETRAIN, **VIT_B_FINETUNE, **CONSISTENCY, **IMAGENET_CERTIFY, **IMAGENET_ATTACK,
                             "model.preset": "base", "pretrain.epochs": 1100, "pretrain.init_from": None},
-    "imagenet-dmae-vit-l": {**DMAE_PRETRAIN, **VIT_B_FINETUNE, **CONSISTENCY, **IMAGENET_CERTIFY, **ATTACK,
+    "imagenet-dmae-vit-l": {**DMAE_PRETRAIN, **VIT_B_FINETUNE, **CONSISTENCY, **IMAGENET_CERTIFY, **IMAGENET_ATTACK,
                             "model.preset": "large", "pretrain.epochs": 1600, "pretrain.init_from": None,
                             "finetune.epochs": 50, "finetune.base_lr": 1e-3, "finetune.layer_decay": 0.75,
                             "finetune.drop_path": 0.2},
-    "cifar10-dmae-vit-b": {"data.dataset": "cifar10", "data.image_size": 32, "data.test_every": 1,
+    "cifar10-dmae-vit-b": {"data.dataset": "cifar10", "data.image_size": 32, "data.val_fraction": 0.0,
+                           "data.test_every": 1, "certify.test_every": 1,
                            "model.preset": "base", "model.img_size": 224, "model.patch_size": 16,
                            "pretrain.task": "dmae", "pretrain.mask_ratio": 0.75, "pretrain.noise.sigma": 0.25,
                            "pretrain.init_from": "models/imported/dmae-vit-b", "pretrain.epochs": 50,
                            "pretrain.warmup_epochs": 10, "pretrain.base_lr": 5e-5, "pretrain.batch_size": 512,
-                           "pretrain.augment": "flip", "finetune.epochs": 50, "finetune.batch_size": 256,
+                           "pretrain.augment": FLIP_ONLY, "finetune.epochs": 50, "finetune.batch_size": 256,
                            "finetune.base_lr": 5e-4, "finetune.layer_decay": 0.65, "finetune.drop_path": 0.1,
-                           "finetune.augment": "flip", "finetune.label_smoothing": 0.1, **CONSISTENCY,
+                           "finetune.augment": FLIP_ONLY, "finetune.label_smoothing": 0.1, **CONSISTENCY,
                            "certify.n0": 100, "certify.n": 100_000, "certify.alpha": 0.001,
                            "sigmas": [0.25, 0.5, 1.0], "report.radii": [0.0, 0.25, 0.5, 0.75, 1.0], **ATTACK},
-    "imagenet-nim-vit-b": {**IMAGENET_CERTIFY, **ATTACK},
+    "imagenet-nim-vit-b": {**IMAGENET_CERTIFY, **IMAGENET_ATTACK, "pretrain.augment": MAE_PRETRAIN_AUGMENT,
+                           "finetune.augment": MAE_FINETUNE_AUGMENT},
 }
 # NIM (REFERENCE.md section 2): the pretraining of the NIM denoiser and the De^3 classifiers' fine-tuning.
 NIM_PRETRAIN = {"task": "nim", "mask_ratio": 0.0, "noise.dist": "gamma", "noise.shape": 25.0, "noise.scale": 3.0,
                 "noise.per255": True, "epochs": 800, "batch_size": 4096, "base_lr": 1.5e-4, "weight_decay": 0.05,
-                "warmup_epochs": 40, "augment": "rrc_flip", "init_from": None}
+                "warmup_epochs": 40, "augment": MAE_PRETRAIN_AUGMENT, "init_from": None}
 NIM_FINETUNE = {"epochs": 100, "base_lr": 1e-3, "layer_decay": 0.75, "drop_path": 0.1, "mixup": 0.8, "cutmix": 1.0,
-                "label_smoothing": 0.1, "consistency.enabled": False}
+                "label_smoothing": 0.1, "consistency.enabled": False, "augment": NIM_FINETUNE_AUGMENT}
 
 
 def _raw(name: str) -> dict:
@@ -138,6 +153,37 @@ def test_nim_preset_is_the_released_dmae_b_plus_the_full_de3_comparison():
     del nim["denoised_smoothing"]["chains"], released["denoised_smoothing"]["chains"]
     autoattack = {**released["attack"]["autoattack"], "classifiers": ["undefended", "nim", "mae", "dmae"]}
     assert nim == {**released, "attack": {**released["attack"], "figure": "nim", "autoattack": autoattack}}
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n.startswith("imagenet")])
+def test_imagenet_de3_classifiers_train_with_nims_augmentation(name):
+    assert load_params(PRESETS / f"{name}.yaml").defense_finetune().augment == NIM_FINETUNE_AUGMENT
+
+
+def test_the_readmes_linear_probe_overrides_give_maes_probe():
+    """README.md "The linear probe": the `dvc exp run -S` overrides on an ImageNet preset validate, and the probe
+    is MAE's: frozen encoder, BatchNorm1d without affine + Linear, LARS, blr 0.1, batch 16384, 90 epochs."""
+    from timm.optim import Lars
+
+    from dmae.train.finetune import FinetuneStep, noisy_inputs
+
+    readme = (PRESETS.parent / "README.md").read_text()
+    command = readme[readme.index("dvc exp run -S finetune.mode=linear_probe"):].split("```")[0]
+    overrides = [arg.split("=", 1) for arg in command.split() if "=" in arg]
+    assert len(overrides) == 15
+    raw = _raw("imagenet-dmae-vit-b-released")
+    for key, value in overrides:
+        *sections, leaf = key.split(".")
+        target = raw
+        for section in sections:
+            target = target[section]
+        target[leaf] = yaml.safe_load(value)
+    cfg = Params.model_validate(raw).finetune
+    assert (cfg.mode, cfg.base_lr, cfg.batch_size, cfg.epochs, cfg.weight_decay) == ("linear_probe", 0.1, 16384, 90, 0)
+    assert cfg.augment == MAE_FINETUNE_AUGMENT.model_copy(update={"rand_augment": None})
+    model = Classifier(Params.model_validate(raw).model.model_copy(update={"preset": "tiny"}).config(
+        META["imagenet"]), 1000, cfg.mode)
+    assert isinstance(FinetuneStep(cfg, noisy_inputs(cfg, 0.5), model, [], torch.device("cpu")).optimizer(model), Lars)
 
 
 def test_dmae_presets_add_no_extra_pretraining():

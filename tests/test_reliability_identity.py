@@ -142,7 +142,8 @@ def test_attack_after_a_swapped_classifier_starts_over(project, monkeypatch):
     raw["denoised_smoothing"].update(finetune={"denoiser": "dmae", "encoder": "dmae"},
                                      chains={"de3": {"denoiser": "dmae", "classifier": "dmae"}})
     raw["attack"].update(examples=4, batch_size=4, test_sigmas=[0.0, 0.25], eot=1, figure="dmae",
-                         autoattack={"versions": [], "examples": 1, "classifiers": [], "test_sigmas": []},
+                         autoattack={**raw["attack"]["autoattack"], "versions": [], "examples": 1, "classifiers": [],
+                                     "test_sigmas": []},
                          pgd={"steps": 1, "step_size": 0.05, "random_start": True},
                          square={"queries": 3, "p_init": 0.8})
     project.write_text(yaml.safe_dump(raw))

@@ -154,6 +154,28 @@ def empty_project(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
+@pytest.mark.parametrize("stage, missing", [
+    (["pretrain"], "data/prepared"), (["finetune", "--sigma", "0.25"], "data/prepared"),
+    (["certify", "--sigma", "0.25"], "data/prepared"), (["attack"], "data/prepared"),
+    (["finetune-defense", "--classifier", "nim"], "data/prepared"),
+    (["finetune-chain", "--sigma", "0.25"], "data/prepared"),
+    (["certify-chain", "--sigma", "0.25", "--chain", "fine_tuned"], "data/prepared")])
+def test_a_stage_without_its_inputs_writes_nothing(empty_project, stage, missing):
+    """One line naming the missing input, exit 2, and no lock, fingerprint or output left behind."""
+    (empty_project / "params.yaml").write_text(yaml.safe_dump(params_with({})))
+    result = run_cli(*stage)
+    assert_user_error(result, missing, "not found")
+    assert sorted(os.listdir(empty_project)) == ["params.yaml"]
+
+
+def test_a_stage_without_an_upstream_model_writes_nothing(empty_project):
+    (empty_project / "params.yaml").write_text(yaml.safe_dump(params_with({})))
+    assert run_cli("prepare").exit_code == 0
+    result = run_cli("finetune", "--sigma", "0.25")
+    assert_user_error(result, "models/pretrain not found")
+    assert sorted(os.listdir(empty_project)) == ["data", "params.yaml"]
+
+
 def test_enough_invalid_params_cases():
     assert len(CLI_BAD) >= 80
     assert len({m for _, m in CLI_BAD}) == len(CLI_BAD)

@@ -16,6 +16,7 @@ from dmae.defense.robustness import Row, columns
 from dmae.report.attack import attack_metrics, section
 from dmae.report.certified import Summary, certification_metrics, load_runs
 from dmae.report.document import Figure, Heading, Paragraph, Table, from_json, to_json, to_markdown
+from dmae.report.render import radius_cap_text
 from dmae.smoothing.bounds import fewest_samples
 from dmae.smoothing.certify import HEADER
 from dmae.settings import parse_params
@@ -211,6 +212,18 @@ def test_attack_section_warns_about_autoattack_only_when_run():
         assert ("its accuracy is an upper bound" in text) == bool(versions)
 
 
+def test_attack_section_says_when_autoattack_ran_with_a_reduced_budget():
+    def text(budget):
+        params = attack_params(autoattack={"versions": ["standard"], "budget": budget})
+        accuracy = {c: 0.5 for c in columns(params.attack)}
+        return to_markdown(section([Row("nim", 0.25, True, accuracy, accuracy, 0.01)], params, 8, ["t.png", "a.png"]))
+
+    assert "REDUCED" not in text({})  # params.yaml: the standard budget
+    reduced = text({"iterations": 5, "square_queries": 50})
+    assert "REDUCED budget: iterations 5 (standard 100), square queries 50 (standard 5000)" in reduced
+    assert "target classes" not in reduced.split("REDUCED")[1].split(".")[0]  # only the reduced keys are named
+
+
 def test_autoattack_cells_take_their_interval_over_the_autoattack_examples():
     params = attack_params(autoattack={"versions": ["standard"], "examples": 16, "test_sigmas": [0.0]})
     accuracy = {c: 0.5 for c in columns(params.attack)}
@@ -219,7 +232,7 @@ def test_autoattack_cells_take_their_interval_over_the_autoattack_examples():
     # 0.5 over 64 examples: 38-62 (the other columns); over 16: centre 0.5,
     # half-width 1.96 sqrt(1/64 + 1.96^2/1024) / 1.2401 = 0.2200 -> 28-72
     assert "50.0 (38–62)" in text and "50.0 (28–72)" in text
-    assert "on the first 16 examples, for undefended, nim at test σ none" in text
+    assert "on 16 of them (a seeded subset), for undefended, nim at test σ none" in text
 
 
 def test_wilson_interval_against_hand_computed_values():
@@ -386,3 +399,13 @@ def test_sanity_checks_flag_only_beyond_the_error_bars():
     flagged = [c[0].split(" (")[0] for c in checks if c[2] != "63.8/255" and c[-1] == "FLAG"]
     assert len(flagged) == 4, checks  # near 0, gray-box, Square, EOT (0.55 -> 0.6 is within the bars)
     assert sanity_checks(rows, cfg, 4)[-1][-1] == "pass"  # 4 examples: 0.9 vs 0.55 is within the error bar
+    warned = Row("nim", 0.25, True, good, good, 0.01, ("square: Square Attack has decreased the robust accuracy",))
+    assert sanity_checks([warned], cfg, 256)[-1] == ["Square reports: Square Attack has decreased the robust "
+                                                     "accuracy", "nim", "63.8/255", "50.0", "WARN"]
+
+
+def test_overview_says_when_n_is_too_small_to_certify_any_radius():
+    """alpha ** (1 / N) is the highest lower bound on pA; below 1/2 every image abstains (N = 8, alpha = 0.001)."""
+    assert radius_cap_text(0.001 ** (1 / 8), "N").startswith("with these, NO radius can be certified")
+    assert "0.422 < 1/2" in radius_cap_text(0.001 ** (1 / 8), "N")
+    assert radius_cap_text(0.001 ** (1 / 500), "N") == "with these, no certified radius can exceed 2.21 σ"

@@ -38,6 +38,10 @@ BAD = [
      "warmup_epochs 3.0 exceeds epochs {0.25: 9, 0.5: 2"),
     ({"defense": {"finetune": {"epochs": {0.25: 5}, "consistency": {"enabled": False}}}},
      "defense.finetune.epochs: the De^3 classifiers"),
+    ({"data": {"val_fraction": -0.1}}, "data.val_fraction = -0.1"),
+    ({"data": {"val_fraction": True}}, "data.val_fraction = True"),
+    ({"certify": {"test_every": 0}}, "certify.test_every = 0"),
+    ({"pretrain": {"augment": "rrc_flip"}}, "pretrain.augment = 'rrc_flip': expected none or a section"),
 ]
 
 
@@ -67,6 +71,10 @@ def test_bad_values_name_key_and_value(raw, message):
         parse_params(params_with(raw), source="params.yaml")
     assert message in str(err.value)
     assert str(err.value).startswith("params.yaml: invalid settings")
+
+
+def test_val_fraction_0_is_all_of_train():
+    assert parse_params(params_with({"data": {"val_fraction": 0}})).data.val_fraction == 0.0
 
 
 def test_finetune_epochs_per_sigma():

@@ -52,6 +52,12 @@ def test_pipeline_stages_on_tiny_settings(tiny_params):
     merged = read_certify_tsv("results/certify/sigma-0.25.tsv")
     assert [(r.idx, r.predict, r.radius) for r in merged] == [(r.idx, r.predict, r.radius) for r in rows]
 
+    # certify.test_every: every k-th test example, counted by idx
+    _with(tiny_params, "certify", "test_every", 5)
+    assert invoke("certify", "--sigma", "0.25").exit_code == 0
+    thinned = read_certify_tsv("results/certify/sigma-0.25.tsv")
+    assert [(r.idx, r.label) for r in thinned] == [(0, rows[0].label), (1, rows[5].label), (2, rows[10].label)]
+
 
 def _with(params_path: Path, section: str, key: str, value) -> None:
     raw = yaml.safe_load(params_path.read_text())

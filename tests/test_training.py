@@ -11,11 +11,11 @@ from torch.utils.data import Subset, TensorDataset
 from dmae.data import load_split, read_meta
 from dmae.models.autoencoder import DenoisingMAE
 from dmae.models.classifier import Classifier
-from dmae.train.finetune import finetune, noisy_inputs
+from dmae.train.finetune import FinetuneStep, finetune, noisy_inputs
 from dmae.train.loop import Schedule, Step, train
 from dmae.train.losses import consistency_loss
 from dmae.train.mixup import mix, soft_targets
-from dmae.train.optim import layer_id, lr_at, param_groups
+from dmae.train.optim import layer_id, lr_at, param_groups, set_lr
 from dmae.train.pretrain import pretrain
 from dmae.util.errors import UserError
 from dmae.util.state import load_state
@@ -55,9 +55,14 @@ def test_pretrain_resume_equals_uninterrupted(digits_dir, tmp_path):
         assert torch.equal(a, b), k
 
 
+PAPER_AUGMENT = {"crop_scale": (0.08, 1.0), "crop_ratio": (0.75, 4 / 3), "hflip": 0.5,
+                 "rand_augment": "rand-m9-mstd0.5-inc1", "erase_prob": 0.25, "erase_mode": "pixel", "erase_count": 1}
+
+
 def test_finetune_resume_equals_uninterrupted(digits_dir, tmp_path):
+    """With the paper's augmentation, mixup, cutmix and drop path: the same weights, byte for byte."""
     meta = read_meta(digits_dir)
-    train = Subset(load_split(digits_dir, "train"), range(64))
+    train = Subset(load_split(digits_dir, "train", augment=PAPER_AUGMENT), range(64))
     val = Subset(load_split(digits_dir, "val"), range(32))
     cfg = settings("finetune", epochs=2, batch_size=32, warmup_epochs=0, mixup=0.8, cutmix=1.0)
 
@@ -85,6 +90,85 @@ def test_finetune_runs_the_epochs_of_its_sigma(digits_dir, tmp_path):
     hist = finetune(model, train, train, noisy_inputs(cfg, 1.0), cfg, device=torch.device("cpu"),
                     state_path=tmp_path / "s.pt", progress=False)
     assert [row["epoch"] for row in hist] == [1, 2]
+
+
+def test_without_held_out_images_the_metrics_are_nan_and_the_log_says_so(digits_dir, tmp_path, capsys):
+    meta = read_meta(digits_dir)
+    train, val = Subset(load_split(digits_dir, "train"), range(32)), Subset(load_split(digits_dir, "val"), [])
+    cfg = settings("finetune", epochs=1, batch_size=32, warmup_epochs=0)
+    model = Classifier(settings("model").config(meta), meta["num_classes"])
+    (row,) = finetune(model, train, val, noisy_inputs(cfg, 0.5), cfg, device=torch.device("cpu"),
+                      state_path=tmp_path / "s.pt", progress=False)
+    assert math.isnan(row["val_clean_acc"]) and math.isnan(row["val_noisy_acc"]) and math.isfinite(row["train_loss"])
+    assert "no held-out split (data.val_fraction 0): the val_* metrics are NaN" in capsys.readouterr().err
+
+
+def mae_lars_step(p, grad, buffer, lr, weight_decay, momentum=0.9, trust=0.001):
+    """facebookresearch/mae util/lars.py, written out: weight decay and the trust ratio for parameters of more
+    than one dimension, then momentum."""
+    d = grad.clone()
+    if p.ndim > 1:
+        d = d + weight_decay * p
+        if p.norm() > 0 and d.norm() > 0:
+            d = d * (trust * p.norm() / d.norm())
+    buffer = momentum * buffer + d
+    return p - lr * buffer, buffer
+
+
+def test_the_linear_probe_steps_with_maes_lars(digits_dir):
+    """BatchNorm1d without affine + Linear on the frozen encoder; timm's Lars steps it as MAE's LARS does (at the
+    probe's weight decay 0, where the two formulas agree), the encoder untouched."""
+    from timm.optim import Lars
+
+    meta = read_meta(digits_dir)
+    model = Classifier(settings("model").config(meta), meta["num_classes"], "linear_probe")
+    model.load_encoder({k.removeprefix("vit."): v for k, v in model.state_dict().items()
+                        if not k.startswith("vit.head")}, source="itself")
+    head = model.vit.head
+    assert isinstance(head[0], torch.nn.BatchNorm1d) and not head[0].affine
+    cfg = settings("finetune", mode="linear_probe", weight_decay=0.0, layer_decay=1.0, base_lr=0.1)
+    step = FinetuneStep(cfg, noisy_inputs(cfg, 0.5), model, [], torch.device("cpu"))
+    optimizer = step.optimizer(model)
+    assert isinstance(optimizer, Lars)
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in head.parameters()}
+    encoder = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("vit.head")}
+    expected = {name: (p.detach().clone(), torch.zeros_like(p)) for name, p in head.named_parameters()}
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 16, 16)
+    for _ in range(2):  # the second step uses the momentum buffer
+        set_lr(optimizer, 0.4)
+        model.train()
+        F.cross_entropy(model(x), torch.arange(8)).backward()
+        for name, p in head.named_parameters():
+            expected[name] = mae_lars_step(*expected[name][:1], p.grad, expected[name][1], lr=0.4, weight_decay=0.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        for name, p in head.named_parameters():
+            assert torch.allclose(p, expected[name][0], rtol=1e-5, atol=1e-7), name
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in encoder.items())
+
+
+def test_in_memory_batches_equal_the_data_loader_ones(digits_dir):
+    """An un-augmented tensor split is sliced a micro-batch at a time instead of read item by item through a
+    DataLoader: the same bytes, in the same order, for every accumulation step."""
+    from dmae.train.batches import epoch_batches
+
+    train_set = load_split(digits_dir, "train")
+
+    class ItemByItem(torch.utils.data.Dataset):  # what any other data set goes through
+        def __len__(self):
+            return len(train_set)
+
+        def __getitem__(self, i):
+            return train_set[i]
+
+    for accum in (1, 4):
+        sliced = list(epoch_batches(train_set, 128, accum, seed=3, epoch=2, workers=0))
+        loaded = list(epoch_batches(ItemByItem(), 128, accum, seed=3, epoch=2, workers=0))
+        assert len(sliced) == len(loaded) == len(train_set) // 128 * accum
+        for a, b in zip(sliced, loaded):
+            assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+            assert (a.step, a.positions, a.last) == (b.step, b.positions, b.last)
 
 
 def test_consistency_loss_hand_computed():

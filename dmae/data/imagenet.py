@@ -1,15 +1,24 @@
-"""ImageNet in ImageFolder layout; the prepared form is an index of relative paths and labels, not pixels."""
+"""ImageNet in ImageFolder layout; the prepared form is an index of relative paths and labels, not pixels.
+
+Preparing decodes every image once (JPEGs at 1/8 scale, which still reads every byte of the file), in parallel,
+so that a truncated, corrupt or non-image file stops the pipeline here, naming the file, and not hours into
+training. Grayscale and CMYK JPEGs and PNGs (ImageNet holds all three, one PNG under a .JPEG name) are read as
+RGB when loaded.
+"""
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from dmae.data.common import building_dir, check_split_options, holdout, write_meta
 from dmae.util.errors import UserError
 from dmae.util.io import atomic_write_text
+from dmae.util.progress import progress_bar
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -43,13 +52,39 @@ def _scan(root: Path, split: str, classes: list[str], class_index: dict[str, int
     return items
 
 
+def undecodable(path: str | os.PathLike) -> str | None:
+    """Why the image at `path` cannot be decoded, or None when it can."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))  # JPEG: DCT scaling
+            image.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        why = " ".join(str(err).replace(f"'{os.fspath(path)}'", "").split())  # the caller names the file
+        return why or type(err).__name__
+    return None
+
+
+def check_images(paths: list[Path], workers: int, progress: bool = True) -> None:
+    """Decode every image (in `workers` processes); a UserError names the first one that fails."""
+    chunk = 64
+    with progress_bar(progress, unit="img") as bar, ProcessPoolExecutor(max(1, workers)) as pool:
+        task = bar.add_task("check images", total=len(paths), status="")
+        for start in range(0, len(paths), chunk * max(1, workers)):
+            batch = paths[start:start + chunk * max(1, workers)]
+            for path, why in zip(batch, pool.map(undecodable, batch, chunksize=chunk)):
+                if why is not None:
+                    raise UserError(f"cannot decode image {path} ({why}); replace or remove it, then prepare again")
+            bar.update(task, advance=len(batch))
+
+
 def _write_index(path: Path, items: list[tuple[str, int]]) -> None:
     atomic_write_text(path, INDEX_HEADER + "\n" + "".join(f"{rel}\t{label}\n" for rel, label in items))
 
 
 def prepare(out_dir: str | os.PathLike, *, root: str | os.PathLike = "data/raw/imagenet", image_size: int = 224,
-            val_fraction: float = 0.01, seed: int = 0, test_every: int = 50) -> dict:
-    """Write train/val/test.tsv (relative path, label) and meta.json; `root` is recorded as given."""
+            val_fraction: float = 0.01, seed: int = 0, test_every: int = 50, workers: int = 1) -> dict:
+    """Write train/val/test.tsv (relative path, label) and meta.json, once every image listed in them decodes
+    (checked in `workers` processes); `root` is recorded as given."""
     check_split_options(val_fraction, test_every, image_size)
     given_root, root = os.fspath(root), Path(root)
     if not root.is_dir():
@@ -68,6 +103,7 @@ def prepare(out_dir: str | os.PathLike, *, root: str | os.PathLike = "data/raw/i
     train, val = holdout(np.arange(len(train_items)), labels, val_fraction, seed, "validation")
     parts = {"train": [train_items[i] for i in train], "val": [train_items[i] for i in val],
              "test": val_items[::test_every]}
+    check_images([root / rel for items in parts.values() for rel, _ in items], workers)
     with building_dir(out_dir) as out:
         for split, items in parts.items():
             _write_index(out / f"{split}.tsv", items)

@@ -1,4 +1,4 @@
-"""Reading prepared data sets: float images in [0, 1] with int labels, augmented only when asked."""
+"""Reading prepared data sets: float images in [0, 1] with int labels, augmented (dmae.data.augment) when asked."""
 
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
+from dmae.data.augment import training_transform
 from dmae.data.common import SPLITS
 from dmae.util.errors import UserError
 
-AUGMENTS = ("none", "flip", "rrc_flip")
-RRC_SCALE = (0.2, 1.0)
 PREPARE_HINT = "run the data preparation stage first (dvc repro, or the dmae prepare command)"
 META_KEYS = {"storage", "num_classes", "channels", "image_size", "mean", "std"}  # what the stages read
 
@@ -36,32 +35,17 @@ def read_meta(prepared_dir: str | os.PathLike) -> dict:
     return meta
 
 
-def _clamp01(x: torch.Tensor) -> torch.Tensor:
-    return x.clamp_(0, 1)  # bicubic resampling of float tensors overshoots slightly
-
-
-def _tensor_transform(augment: str, image_size: int):
-    if augment == "none":
-        return None
+def _evaluation_view(image_size: int) -> list:
+    """PIL images of any size: resize the short side to 256/224 of the crop, then centre-crop (MAE's eval view)."""
     from torchvision import transforms as T  # here: torchvision takes seconds to import
-    steps = [T.RandomHorizontalFlip()]
-    if augment == "rrc_flip":
-        rrc = T.RandomResizedCrop(image_size, scale=RRC_SCALE, interpolation=T.InterpolationMode.BICUBIC,
-                                  antialias=True)
-        steps = [rrc, T.Lambda(_clamp01), *steps]
-    return T.Compose(steps)
-
-
-def _pil_transform(augment: str, image_size: int):
-    from torchvision import transforms as T
     bicubic = T.InterpolationMode.BICUBIC
-    if augment == "rrc_flip":
-        steps = [T.RandomResizedCrop(image_size, scale=RRC_SCALE, interpolation=bicubic), T.RandomHorizontalFlip()]
-    else:  # evaluation view: resize the short side to 256/224 of the crop, then centre-crop
-        steps = [T.Resize(round(image_size * 256 / 224), interpolation=bicubic), T.CenterCrop(image_size)]
-        if augment == "flip":
-            steps.append(T.RandomHorizontalFlip())
-    return T.Compose([*steps, T.ToTensor()])
+    return [T.Resize(round(image_size * 256 / 224), interpolation=bicubic), T.CenterCrop(image_size)]
+
+
+def _pil_image(image: torch.Tensor) -> Image.Image:
+    """uint8 [C, H, W] -> a PIL image (mode L for one channel, RGB for three)."""
+    array = image.permute(1, 2, 0).numpy()
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int, source: Path) -> None:
@@ -70,7 +54,8 @@ def _check_labels(labels: torch.Tensor, num_classes: int, source: Path) -> None:
 
 
 class TensorSplit(Dataset):
-    """A split stored as uint8 images in safetensors; each item is converted to float when it is read."""
+    """A split stored as uint8 images in safetensors; each item is converted to float when it is read (through PIL
+    when it is augmented, as the reference code reads its images)."""
 
     def __init__(self, path: Path, num_classes: int, transform=None):
         try:
@@ -87,11 +72,15 @@ class TensorSplit(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def items(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The un-augmented images [len(indices), C, H, W] and labels at `indices`, as one batch (the same values
+        as collating dataset[i] one by one)."""
+        return self.images[indices].float().div_(255), self.labels[indices]
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = self.images[i].float().div_(255)
-        if self.transform is not None:
-            x = self.transform(x)
-        return x, int(self.labels[i])
+        if self.transform is None:
+            return self.images[i].float().div_(255), int(self.labels[i])
+        return self.transform(_pil_image(self.images[i])), int(self.labels[i])
 
 
 class ImageFileSplit(Dataset):
@@ -123,24 +112,30 @@ class ImageFileSplit(Dataset):
         return self.transform(image), int(self.labels[i])
 
 
-def load_split(prepared_dir: str | os.PathLike, split: str, augment: str = "none",
+def load_split(prepared_dir: str | os.PathLike, split: str, augment: dict | None = None,
                root: str | os.PathLike | None = None) -> Dataset:
     """The `split` ("train", "val" or "test") of a prepared data set as a Dataset of (image [C,H,W], label).
 
-    `augment`: "none", "flip" (random horizontal flip) or "rrc_flip" (RandomResizedCrop + flip). `root`
-    overrides the image root recorded in meta.json for data sets stored as an index (ImageNet); a relative
-    root is resolved from the working directory.
+    `augment`: None for the images as stored (ImageNet: resized and centre-cropped), or the options of
+    dmae.data.augment.training_transform (params `augment`). `root` overrides the image root recorded in
+    meta.json for data sets stored as an index (ImageNet); a relative root is resolved from the working directory.
     """
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    if augment not in AUGMENTS:
-        raise UserError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTS)}")
     meta = read_meta(prepared_dir)
     storage = meta.get("storage")
     path = Path(prepared_dir) / f"{split}.{storage}"
     if storage not in ("safetensors", "tsv") or not path.is_file():
         raise UserError(f"prepared split {path} not found; {PREPARE_HINT}")
+    size = meta["image_size"]
+    view = [] if storage == "safetensors" else _evaluation_view(size)  # tensors are stored at their size
+    transform = None
+    if augment is not None:
+        transform = training_transform(size, meta["mean"], meta["std"], view, **augment)
     if storage == "safetensors":
-        return TensorSplit(path, meta["num_classes"], _tensor_transform(augment, meta["image_size"]))
+        return TensorSplit(path, meta["num_classes"], transform)
+    from torchvision import transforms as T
+
     image_root = Path(root if root is not None else meta["root"])
-    return ImageFileSplit(path, image_root, meta["num_classes"], _pil_transform(augment, meta["image_size"]))
+    transform = transform or T.Compose([*view, T.ToTensor()])
+    return ImageFileSplit(path, image_root, meta["num_classes"], transform)

@@ -11,6 +11,7 @@ randomized model draws from its own RNG (usually torch's global one), which the 
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from contextlib import contextmanager
@@ -101,21 +102,19 @@ _LOSSES = {"ce": _ce, "dlr": _dlr}
 
 def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot: int = 1,
                    loss: str = "ce") -> torch.Tensor:
-    """Gradient of the summed loss ('ce' or 'dlr') w.r.t. x, averaged over `eot` forward/backward passes.
+    """Gradient of the summed loss ('ce' or 'dlr') w.r.t. x, averaged over `eot` draws of the model.
 
-    For a randomized model each pass sees a fresh draw, so eot > 1 estimates the gradient of the expected loss
-    (expectation over transformation). Summing over the batch keeps each example's gradient independent of the
-    others.
+    For a randomized model each copy of x sees a fresh draw, so eot > 1 estimates the gradient of the expected
+    loss (expectation over transformation). The eot copies go through the model as one batch of eot * B images.
+    Summing over the batch keeps each example's gradient independent of the others.
     """
     _check_count("eot", eot)
     if loss not in _LOSSES:
         raise UserError(f"loss must be one of {sorted(_LOSSES)}, got {loss!r}")
-    x = x.detach().requires_grad_(True)
-    grad = torch.zeros_like(x)
+    copies = x.detach().repeat(eot, 1, 1, 1).requires_grad_(True)
     with _attack_mode(model), torch.enable_grad():
-        for _ in range(eot):
-            grad += torch.autograd.grad(_LOSSES[loss](model(x), y).sum(), x)[0]
-    return grad / eot
+        grad = torch.autograd.grad(_LOSSES[loss](model(copies), y.repeat(eot)).sum(), copies)[0]
+    return grad.view(eot, *x.shape).mean(0)
 
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, eot: int = 1) -> torch.Tensor:
@@ -229,14 +228,29 @@ def square_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
 # AutoAttack and evaluation
 
 
+class _Messages(logging.Handler):
+    """Collects what a logger warns about."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(" ".join(record.getMessage().split()))
+
+
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, version: str = "standard",
-               seed: int = 0, batch_size: int = 250) -> torch.Tensor:
+               seed: int = 0, batch_size: int = 250, *, iterations: int = 100, target_classes: int = 9,
+               square_queries: int = 5000, eot_iter: int = 20, warnings: list[str] | None = None) -> torch.Tensor:
     """AutoAttack (Croce & Hein 2020), l-infinity, run by `pyautoattack` (a PyPI packaging of fra31/auto-attack).
 
     version 'standard': APGD-CE, APGD-T (9 target classes), FAB-T (9 targets), Square (5000 queries), each run
     on the points the previous ones did not break. version 'rand' (randomized defenses): APGD-CE and APGD-DLR,
-    each with EOT over 20 draws. Models with fewer than 10 classes get n_classes - 1 target classes. The
-    package seeds torch's RNG with `seed` and clears sys.settrace; both are restored afterwards.
+    each with EOT over 20 draws. The keyword arguments set that budget (their defaults are the package's
+    standard values, 100 iterations for every APGD and FAB); models with fewer classes than target_classes + 1
+    get n_classes - 1 target classes. The package's own reliability checks (a randomized or dynamic defense,
+    zero gradients, Square lowering the accuracy further) are appended to `warnings`. The package seeds torch's
+    RNG with `seed` and clears sys.settrace; both are restored afterwards.
     """
     _check_inputs(x, y, eps)
     _check_count("batch_size", batch_size)
@@ -256,19 +270,37 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, v
         if n_classes < needed:
             raise UserError(f"AutoAttack {version!r} needs at least {needed} classes, the model has {n_classes}")
         adversary = AutoAttack(model, eps=eps, version=version, seed=seed, device=x.device)
-        adversary.apgd_targeted.n_target_classes = min(9, n_classes - 1)
-        adversary.fab.n_target_classes = min(9, n_classes - 1)
+        adversary.fab.n_iter = iterations
+        for apgd in (adversary.apgd, adversary.apgd_targeted):  # APGD derives its step-size checkpoints in __init__
+            apgd.n_iter = apgd.n_iter_orig = iterations
+            apgd.n_iter_2, apgd.n_iter_min, apgd.size_decr = (max(int(f * iterations), 1) for f in (0.22, 0.06, 0.03))
+        adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = min(target_classes,
+                                                                                         n_classes - 1)
+        adversary.square.n_queries = square_queries
+        if version == "rand":
+            adversary.apgd.eot_iter = eot_iter
+        collected = _Messages()
+        adversary.logger.addHandler(collected)
         try:
             x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
         finally:
             sys.settrace(tracer)
+            adversary.logger.removeHandler(collected)
+        if warnings is not None:
+            warnings += collected.messages
     return _project(x_adv.detach(), x, eps)
 
 
 @torch.no_grad()
-def robust_accuracy(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, draws: int = 1) -> float:
-    """Fraction of x_adv classified as y; for a randomized model, averaged over `draws` forward passes."""
+def correct_per_draw(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, draws: int = 1) -> list[int]:
+    """How many of x_adv are classified as y, for each of `draws` draws of a randomized model (one batch of
+    draws * B images)."""
     _check_count("draws", draws)
     with _attack_mode(model):
-        hits = sum((model(x_adv).argmax(1) == y).float().mean().item() for _ in range(draws))
-    return hits / draws
+        hits = model(x_adv.repeat(draws, 1, 1, 1)).argmax(1) == y.repeat(draws)
+    return hits.view(draws, -1).sum(1).tolist()
+
+
+def robust_accuracy(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, draws: int = 1) -> float:
+    """Fraction of x_adv classified as y; for a randomized model, averaged over `draws` draws."""
+    return sum(correct_per_draw(model, x_adv, y, draws)) / (draws * len(y))

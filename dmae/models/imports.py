@@ -225,6 +225,13 @@ def import_checkpoint(src: str | Path, out: str | Path, kind: Kind, cfg: ModelCo
     return result
 
 
+def check_init_from(ckpt_dir: str | Path) -> None:
+    """`pretrain.init_from` must name a checkpoint folder (config.json and weights)."""
+    if not (Path(ckpt_dir) / CONFIG).is_file():
+        raise UserError(f"pretrain.init_from {ckpt_dir}: no checkpoint there; create it with `dmae "
+                        f"import-checkpoint FILE --preset PRESET --out {ckpt_dir}`")
+
+
 def init_from_checkpoint(model: DenoisingMAE, ckpt_dir: str | Path) -> None:
     """Load `pretrain.init_from` (an imported or earlier pretrained checkpoint) into `model`.
 
@@ -232,9 +239,7 @@ def init_from_checkpoint(model: DenoisingMAE, ckpt_dir: str | Path) -> None:
     the weights). An encoder-only checkpoint leaves the decoder as freshly initialised.
     """
     ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / CONFIG).is_file():
-        raise UserError(f"pretrain.init_from {ckpt_dir}: no checkpoint there; create it with `dmae "
-                        f"import-checkpoint FILE --preset PRESET --out {ckpt_dir}`")
+    check_init_from(ckpt_dir)
     config = load_config(ckpt_dir)
     kind = config.get("kind")
     if kind not in ("autoencoder", "encoder"):

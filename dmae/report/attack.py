@@ -15,7 +15,7 @@ import torch
 from dmae.defense.robustness import AUTOATTACK, SWEEP, Row, column_examples, columns, sigma_label, sweep_columns
 from dmae.report.document import Block, Figure, Heading, Paragraph, Table, to_json, to_markdown
 from dmae.models.architectures import ARCHITECTURES
-from dmae.settings import AttackSettings, NoiseSettings, Params
+from dmae.settings import STANDARD_BUDGET, AttackSettings, AutoAttackBudget, NoiseSettings, Params
 from dmae.util.figures import image_grid, save_figure
 from dmae.util.io import atomic_write_text, write_json, write_tsv
 
@@ -51,7 +51,7 @@ def attack_metrics(rows: list[Row]) -> dict:
     """{classifier: {sigma-S: {"mean": {column: accuracy}, "worst_draw": {...}, "worst_attack": a,
     "autoattack": {version: accuracy}, "denoising_mse": m}}}; columns that do not apply or were not run left out.
     worst_attack: the lowest mean accuracy over the attacks at the configured eps run on every example (not
-    clean, not the eps sweep, not AutoAttack, which sees only the first few)."""
+    clean, not the eps sweep, not AutoAttack, which sees only some)."""
     out: dict[str, dict] = {}
     for r in rows:
         mean = {k: v for k, v in r.accuracy.items() if v is not None}
@@ -101,6 +101,10 @@ def sanity_checks(rows: list[Row], cfg: AttackSettings, n: int) -> list[list[str
             out.append([f"EOT-{cfg.eot} not weaker than one draw per gradient", *where,
                         f"{pct(acc['white_pgd_eot'])} vs {pct(acc['white_pgd'])}",
                         "FLAG" if above(acc["white_pgd_eot"], acc["white_pgd"]) else "pass"])
+        for warning in r.warnings:
+            column, message = warning.split(": ", 1)
+            out.append([f"{labels(cfg).get(column, column)} reports: {message}", *where,
+                        pct(acc[column]) if acc.get(column) is not None else "—", "WARN"])
     return out
 
 
@@ -165,6 +169,15 @@ def _noise(noise: NoiseSettings) -> str:
             "gamma": f"σ ~ Gamma({noise.shape:g}, {noise.scale:g}){unit} per image"}[noise.dist]
 
 
+def budget_note(budget: AutoAttackBudget) -> str:
+    """'' at the standard budget; else which keys were reduced, with their standard values."""
+    if not (reduced := budget.reduced()):
+        return ""
+    shown = ", ".join(f"{key.replace('_', ' ')} {getattr(budget, key)} (standard {STANDARD_BUDGET[key]})"
+                      for key in reduced)
+    return f", with a REDUCED budget: {shown}, so its accuracies overstate robustness"
+
+
 def this_run(params: Params, examples: int) -> dict[str, str]:
     """This run's values of the NIM_PAPER rows."""
     cfg, arch = params.attack, ARCHITECTURES[params.model.preset]
@@ -182,7 +195,7 @@ def this_run(params: Params, examples: int) -> dict[str, str]:
         "attacks": f"FGSM; PGD {cfg.pgd.steps} steps of {sigma_label(cfg.pgd.step_size)}"
                    f"{', random start' if cfg.pgd.random_start else ''}, also with EOT-{cfg.eot} and BPDA; gray-box; "
                    f"Square ({cfg.square.queries} queries); "
-                   + (f"AutoAttack {' and '.join(aa.versions)} ({', '.join(aa.classifiers)})"
+                   + (f"AutoAttack {' and '.join(aa.versions)} ({', '.join(aa.classifiers)}){budget_note(aa.budget)}"
                       if aa.versions and aa.test_sigmas and aa.classifiers else "no AutoAttack"),
         "test σ": ", ".join(map(sigma_label, cfg.test_sigmas)),
         "examples": f"{examples}" + (f" (AutoAttack: {column_examples(cfg, AUTOATTACK, examples)})"
@@ -217,9 +230,10 @@ def section(rows: list[Row], params: Params, examples: int, figures: list[str]) 
     names = labels(cfg)
     cols = columns(cfg)
     p, aa = cfg.pgd, cfg.autoattack
-    autoattack = (f"AutoAttack {' and '.join(aa.versions)} (pyautoattack) on the first "
-                  f"{column_examples(cfg, AUTOATTACK, examples)} examples, for {', '.join(aa.classifiers)} at test σ "
-                  f"{', '.join(map(sigma_label, aa.test_sigmas))} (— elsewhere)"
+    count = column_examples(cfg, AUTOATTACK, examples)
+    autoattack = (f"AutoAttack {' and '.join(aa.versions)} (pyautoattack) on {count} of them (a seeded subset), "
+                  f"for {', '.join(aa.classifiers)} at test σ {', '.join(map(sigma_label, aa.test_sigmas))} "
+                  f"(— elsewhere){budget_note(aa.budget)}"
                   if aa.versions and aa.test_sigmas and aa.classifiers else "AutoAttack not run")
     return [
         Heading("Adversarial robustness: NIM / De³ (denoise, then classify)"),
@@ -257,7 +271,8 @@ def section(rows: list[Row], params: Params, examples: int, figures: list[str]) 
         Paragraph("Signs that an attack works as intended on these defenses, and not against masked gradients: "
                   "accuracy falls with ε and vanishes for a large one, the white-box attacks are at least as strong "
                   "as the gray-box and black-box ones, and more EOT draws do not help the defense. FLAG means the "
-                  "difference lies beyond the 95 % intervals."),
+                  "difference lies beyond the 95 % intervals; WARN is one of AutoAttack's own reliability checks "
+                  "(Croce & Hein 2020), as the package printed it."),
         Table(["check", "classifier", "test σ", "accuracy (%)", "result"], sanity_checks(rows, cfg, examples),
               numeric=False),
         Figure(figures[0], "Accuracy against test-time noise σ, per threat model (dashed: undefended)."),

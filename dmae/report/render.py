@@ -20,7 +20,7 @@ from dmae.report.document import Block, Figure, Heading, Paragraph, Table, from_
 from dmae.report.figures import (FINETUNE_COLUMNS, PRETRAIN_COLUMNS, certified_accuracy_figure, finetune_figure,
                                  pretrain_figure, read_metrics_tsv)
 from dmae.report.published import PUBLISHED, PublishedTable
-from dmae.smoothing.bounds import FIRST_LOOK, MIXTURE_FINAL_SHARE
+from dmae.smoothing.bounds import FINAL_SHARE, FIRST_LOOK, MIXTURE_FINAL_SHARE
 from dmae.util.errors import UserError
 from dmae.util.io import atomic_write_bytes, atomic_write_text, write_json, write_tsv
 
@@ -43,6 +43,9 @@ ADAPTIVE = {
     "union": f"Each image is sampled in looks of {FIRST_LOOK}, {2 * FIRST_LOOK}, {4 * FIRST_LOOK}, ... samples, "
              "with α split over the looks.",
 }
+# The share of α behind the highest lower bound on pA an adaptive method can reach at N (every sample agreeing):
+# union's last look; the mixture's sequence (its M_n(p) is at most p^-n) or its Clopper-Pearson, the larger share.
+CAP_SHARE = {"mixture": max(MIXTURE_FINAL_SHARE, 1 - MIXTURE_FINAL_SHARE), "union": FINAL_SHARE}
 FIXED_N = (
     "Samples: estimation samples per image (N0 selection samples come on top). Fixed-N need: for each image, the "
     "fewest samples with which CERTIFY at a fixed N, knowing the image's pA (estimated as its votes for the "
@@ -98,20 +101,28 @@ def _certify_settings(inputs: ReportInputs) -> dict | None:
     return found[0] if found else None
 
 
+def radius_cap_text(top: float, n: str) -> str:
+    """What the highest reachable lower bound on pA, `top` (every sample agreeing), allows."""
+    if top < 0.5:
+        return (f"with these, NO radius can be certified: even if every sample agrees, the lower bound on pA is "
+                f"{top:.3f} < 1/2, so every image abstains ({n} is too small for α)")
+    return f"with these, no certified radius can exceed {norm.ppf(top):.2f} σ"
+
+
 def overview(inputs: ReportInputs) -> list[Block]:
     s = inputs.summary
     text = (f"Data set: {inputs.dataset}; {s.examples} test examples certified at each "
             f"σ ∈ {{{', '.join(f'{sigma:g}' for sigma in s.runs)}}}.")
     c = _certify_settings(inputs)
     if c and c.get("method", "cohen") == "cohen":
-        cap = norm.ppf(c["alpha"] ** (1 / c["n"]))
         text += (f" Certification (CERTIFY of Cohen et al.): N0 = {c['n0']}, N = {c['n']}, α = {c['alpha']:g}; "
-                 f"with these, no certified radius can exceed {cap:.2f} σ.")
+                 f"{radius_cap_text(c['alpha'] ** (1 / c['n']), 'N')}.")
     elif c:
         text += (f" Certification: adaptive, N0 = {c['n0']}, at most N = {c['n_max']} estimation samples per "
                  f"image, α = {c['alpha']:g}. {ADAPTIVE[c['method']]} Each image stops once more samples cannot "
                  f"change which radii of the table it is certified at; each certificate holds with probability at "
-                 f"least 1 − α whatever the stopping time.")
+                 f"least 1 − α whatever the stopping time; "
+                 f"{radius_cap_text((c['alpha'] * CAP_SHARE[c['method']]) ** (1 / c['n_max']), 'N')}.")
     return [Heading(TITLE, 1), Paragraph(text), Paragraph(DEFINITIONS)]
 
 

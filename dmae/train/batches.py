@@ -16,8 +16,9 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dmae.data.loading import TensorSplit
 from dmae.util import distributed as dist
-from dmae.util.seeding import derive_seed
+from dmae.util.seeding import derive_seed, seeded_globally
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,11 @@ def epoch_batches(dataset: Dataset, batch_size: int, accum_steps: int, seed: int
         for k in range(accum_steps):
             start = s * batch_size + (k * world + rank) * micro
             order += perm[start:start + micro]
-    keyed = [(i, derive_seed(seed, epoch, "augment", i)) for i in order]
-    loader = DataLoader(KeyedAugmentation(dataset), batch_size=micro, sampler=keyed, num_workers=workers)
+    if isinstance(dataset, TensorSplit) and dataset.transform is None:  # in memory, nothing drawn: slice it
+        loader = (dataset.items(order[i:i + micro]) for i in range(0, len(order), micro))
+    else:
+        keyed = [(i, derive_seed(seed, epoch, "augment", i)) for i in order]
+        loader = DataLoader(KeyedAugmentation(dataset), batch_size=micro, sampler=keyed, num_workers=workers)
     for i, (x, y) in enumerate(loader):
         step, k = divmod(i, accum_steps)
         start = (k * world + rank) * micro
@@ -64,8 +68,9 @@ def epoch_batches(dataset: Dataset, batch_size: int, accum_steps: int, seed: int
 
 
 class KeyedAugmentation(Dataset):
-    """`dataset[i]` with torch's RNG seeded from a key for that one item (and restored afterwards), so a random
-    augmentation draws the same for a sample whether it is loaded in this process or in any data-loader worker."""
+    """`dataset[i]` with every global RNG seeded from a key for that one item (and restored afterwards), so a
+    random augmentation draws the same for a sample whether it is loaded in this process or in any data-loader
+    worker, and in a resumed run."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -75,8 +80,7 @@ class KeyedAugmentation(Dataset):
 
     def __getitem__(self, item: tuple[int, int]):
         index, key = item
-        with torch.random.fork_rng(devices=[]):  # the CPU generator only: CUDA's stays untouched
-            torch.default_generator.manual_seed(key)
+        with seeded_globally(key):
             return self.dataset[index]
 
 

@@ -3,12 +3,14 @@
 The inputs are an object (`Inputs`): for a smoothed classifier, `NoisyInputs` (m copies of each image noised at
 the certification sigma, unclamped; m > 1 for consistency regularization); for a De^3 classifier,
 dmae.defense.chain.DefenseInputs (clean, noisy or denoised images). Each step turns the clean batch into those
-inputs, then mixup/cutmix, then the loss. Model selection never looks at the test set: the last epoch is kept;
-held-out validation accuracy (clean and on one draw of the inputs) is reported per epoch.
+inputs, then mixup/cutmix, then the loss; AdamW steps it (full fine-tuning), or LARS (the linear probe, as MAE).
+Model selection never looks at the test set: the last epoch is kept; held-out validation accuracy (clean and on
+one draw of the inputs) is reported per epoch, NaN when there is no held-out split (data.val_fraction 0).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Protocol
 
@@ -22,7 +24,7 @@ from dmae.models.architectures import ModelConfig
 from dmae.models.autoencoder import encoder_state_dict_from
 from dmae.models.checkpoint import load_config, load_weights, save_weights
 from dmae.models.classifier import Classifier
-from dmae.settings import FinetuneSettings, ModelSettings
+from dmae.settings import FinetuneSettings, ModelSettings, augment_options
 from dmae.train.batches import MicroBatch
 from dmae.train.loop import Schedule, Step, train
 from dmae.train.losses import consistency_loss, soft_cross_entropy
@@ -33,6 +35,7 @@ from dmae.util import distributed as dist
 from dmae.util.errors import UserError
 from dmae.util.io import write_tsv
 from dmae.util.precision import autocast
+from dmae.util.progress import log
 from dmae.util.seeding import derive_seed
 
 COLUMNS = ["epoch", "train_loss", "val_clean_acc", "val_noisy_acc", "lr"]  # of the metrics file (a DVC plot)
@@ -66,10 +69,23 @@ class NoisyInputs:
         return add_noise(x, self.sigma, generator=generator)
 
 
+def lars(groups: list[dict]) -> torch.optim.Optimizer:
+    """MAE's linear-probe optimizer: LARS with momentum 0.9 and trust coefficient 0.001 (timm's Lars), the
+    layer-wise adaptation on weight matrices only (biases take plain momentum steps), whatever the weight decay."""
+    from timm.optim import Lars
+
+    for group in groups:
+        group["always_adapt"] = all(p.ndim > 1 for p in group["params"])
+    return Lars(groups, lr=0.0, momentum=0.9, trust_coeff=0.001)
+
+
 @torch.inference_mode()
 def validation_accuracy(model: Classifier, dataset: Dataset, inputs: Inputs, *, device: torch.device, seed: int,
                         batch_size: int = 256, precision: str = "fp32") -> dict[str, float]:
-    """Held-out accuracy of the classifier on clean images and on one seeded draw of `inputs`."""
+    """Held-out accuracy of the classifier on clean images and on one seeded draw of `inputs` (NaN without
+    held-out images: data.val_fraction 0)."""
+    if not len(dataset):
+        return {"val_clean_acc": math.nan, "val_noisy_acc": math.nan}
     model.eval()
     gen = torch.Generator(device=device).manual_seed(derive_seed(seed, inputs.sigma, "eval"))
     correct_clean = correct_inputs = total = 0
@@ -103,7 +119,9 @@ class FinetuneStep(Step):
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         cfg = self.cfg
         groups = param_groups(model, cfg.weight_decay, cfg.layer_decay, num_layers=model.cfg.arch.depth)
-        return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999))
+        if cfg.mode == "linear_probe":
+            return lars(groups)
+        return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), fused=True)
 
     def start_epoch(self, epoch: int) -> None:
         self.rng = np.random.default_rng(derive_seed(*self.seed, epoch, "mix", dist.rank()))  # mixup draws
@@ -133,6 +151,8 @@ def finetune(model: Classifier, train_set: Dataset, val_set: Dataset, inputs: In
     train equivalently but not bit-identically.
     """
     step = FinetuneStep(cfg, inputs, model, val_set, device)
+    if not len(val_set):
+        log(f"{step.name}: no held-out split (data.val_fraction 0): the val_* metrics are NaN")
     schedule = Schedule.of("finetune", cfg, cfg.epochs_at(inputs.sigma))
     return train(model, train_set, step, schedule, device=device, state_path=state_path, workers=workers,
                  progress=progress, on_epoch=on_epoch)
@@ -159,7 +179,7 @@ def finetune_classifier(cfg: FinetuneSettings, model_settings: ModelSettings, in
             raise UserError(f"{pretrained}: pretrained for {pre_cfg}, params ask for {model_cfg}; rerun pretrain")
         model.load_encoder(encoder_state_dict_from(load_weights(pretrained)), source=str(pretrained))
 
-    train_set, val_set = load_split(data, "train", augment=cfg.augment), load_split(data, "val")
+    train_set, val_set = load_split(data, "train", augment=augment_options(cfg.augment)), load_split(data, "val")
     rows: list[dict] = []
 
     def on_epoch(row: dict) -> None:

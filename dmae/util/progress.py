@@ -8,7 +8,11 @@ stderr is a file or a pipe (a scheduler's log, `dvc repro > log`) it prints a pr
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
@@ -95,8 +99,33 @@ class LogProgress:
             f"{status}")
 
 
+def _process_start() -> float | None:
+    """When this process started (Unix time; Linux only, to 10 ms), from /proc."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def record_work_start() -> None:
+    """With DMAE_TIMINGS set (a file), append when this process started and when its main work starts (its
+    first progress bar): `dmae bench-pipeline` reads the start-up time of every stage from it."""
+    target = os.environ.get("DMAE_TIMINGS")
+    if not target or getattr(record_work_start, "done", False):
+        return
+    record_work_start.done = True
+    entry = {"stage": os.environ.get("DVC_STAGE"), "argv": sys.argv[1:], "pid": os.getpid(),
+             "process_start": _process_start(), "work_start": time.time()}
+    with open(target, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry) + "\n")
+
+
 def progress_bar(enabled: bool = True, unit: str = "it") -> Progress | LogProgress:
     """done/total, rate, elapsed, ETA and a free-text `status` field (pass status="" when adding a task)."""
+    record_work_start()
     if not console.is_terminal:
         return LogProgress(unit, enabled)
     return Progress(
