@@ -110,7 +110,29 @@ def _unset(model: type[BaseModel], raw: dict, prefix: str = "") -> list[str]:
 
 
 def test_every_preset_is_there():
-    assert sorted(p.stem for p in PRESETS.glob("*.yaml")) == sorted(NAMES)
+    assert sorted(p.stem for p in PRESETS.glob("*.yaml")) == sorted(NAMES + ["digits-full"])
+
+
+# The default's former sizes (docs/benchmarks.md): the keys resizing changed, and nothing else.
+DIGITS_FULL = {"finetune.epochs": {0.25: 20, 0.5: 30, 1.0: 60}, "finetune.warmup_epochs": 3,
+               "certify.test_every": 1, "certify.precision": "fp32", "defense.finetune.epochs": 10,
+               "defense.finetune.warmup_epochs": 2, "attack.examples": 64, "attack.autoattack.examples": 16,
+               **{f"defense.denoisers.{name}.{key}": value for name in ("nim", "mae", "wide")
+                  for key, value in (("epochs", 20), ("warmup_epochs", 2))}}
+
+
+def _flat(raw: dict, prefix: str = "") -> dict:
+    return {k: v for key, value in raw.items() for k, v in
+            (_flat(value, f"{prefix}{key}.").items() if isinstance(value, dict) and key != "epochs"
+             else [(prefix + str(key), value)])}
+
+
+def test_digits_full_is_the_default_at_its_former_sizes():
+    full = _flat(yaml.safe_load((PRESETS / "digits-full.yaml").read_text(encoding="utf-8")))
+    default = _flat(yaml.safe_load((PRESETS.parent / "params.yaml").read_text(encoding="utf-8")))
+    assert full.keys() == default.keys()
+    assert {k: v for k, v in full.items() if v != default[k]} == DIGITS_FULL
+    load_params(PRESETS / "digits-full.yaml")
 
 
 @pytest.mark.parametrize("name", NAMES)
