@@ -217,3 +217,19 @@ def test_oracle_records_have_the_known_pa():
     for rec, m in zip(records, margins):
         p = norm.cdf(m / 0.5)
         assert rec.label == 1 and abs(np.mean(rec.estimation == 1) - p) <= 5 * math.sqrt(p * (1 - p) / 4000) + 1e-3
+
+
+def test_bench_input_times_every_view_of_the_preset_recipes(tmp_path):
+    """`dmae bench-input` on a few fabricated JPEGs: every case runs the pipeline's own transforms and gives a
+    [3, 224, 224] tensor in [0, 1] (erasing aside), and the table names the cores per GPU of every stage."""
+    from tools import input_bench
+
+    paths = input_bench.fabricate_jpegs(tmp_path / "jpegs", 2)
+    for name, fn in input_bench.cases().items():
+        out = fn(paths[0])
+        if name.startswith(("pretraining", "fine-tuning", "test")):
+            assert out.shape == (3, 224, 224) and 0 <= float(out.min()) and float(out.max()) <= 1, name
+    results = input_bench.measure(paths, rounds=1)
+    assert len(results) == 6 and all(c.images_per_s > 0 for c in results)
+    table = input_bench.markdown(results, paths)
+    assert "| imagenet-nim-vit-b | denoiser@nim |" in table and "| imagenet-dmae-vit-b | finetune |" in table

@@ -3,8 +3,10 @@
 On fabricated JPEGs of ImageNet's typical size and quality (around 500x375, ~110 KB: ImageNet train is 138 GB in
 1.28M files), each case reads a file and turns it into the model's input in one process with one thread (so the
 figure is per core; data-loader workers scale it with the cores): decoding alone, then the pipeline's own
-transforms (dmae.data.loading): pretraining and fine-tuning's RandomResizedCrop + flip, the test view (resize
-to 256/224 of the crop, centre crop). `torchvision.io.decode_jpeg` is timed beside PIL as the alternative decoder.
+transforms (dmae.data.augment.training_transform with the recipes of presets/imagenet-nim-vit-b.yaml: pretraining's
+RandomResizedCrop 0.2-1 + flip; fine-tuning's RandomResizedCrop 0.08-1 + flip + RandAugment, and with NIM's random
+erasing), the test view (resize to 256/224 of the crop, centre crop). `torchvision.io.decode_jpeg` is timed
+beside PIL as the alternative decoder.
 
 The cores per GPU: the images/s a GPU consumes at the sustained throughput README.md assumes (tools.projection),
 divided by one core's images/s for that stage's transform.
@@ -22,13 +24,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dmae.data.loading import _pil_transform
+from dmae.data.augment import training_transform
+from dmae.data.imagenet import MEAN, STD
+from dmae.data.loading import _evaluation_view
 from dmae.models.architectures import ModelConfig
-from dmae.settings import load_params
+from dmae.settings import augment_options, load_params
 from tools import fabricate
 from tools.flops import TRAIN_FACTOR, autoencoder_flops, classifier_flops
 from tools.projection import GPU_FLOPS
 
+PRESETS = Path(__file__).resolve().parents[1] / "presets"
 IMAGENET_MEAN_BYTES = 108_000  # 138 GB / 1,281,167 training images
 
 
@@ -63,13 +68,27 @@ def _torchvision_decode(path: Path):
     return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
 
 
-def cases(image_size: int = 224) -> dict[str, callable]:
-    train, test = _pil_transform("rrc_flip", image_size), _pil_transform("none", image_size)
+def cases(preset: Path = PRESETS / "imagenet-nim-vit-b.yaml") -> dict[str, callable]:
+    """Each case: a file path -> what the pipeline makes of it, with the preset's augmentation recipes."""
+    from torchvision import transforms as T
+
+    params = load_params(preset)
+    size = params.data.image_size
+
+    def view(augment):
+        return training_transform(size, MEAN, STD, [], **augment_options(augment))
+
+    pretrain, finetune, de3 = view(params.pretrain.augment), view(params.finetune.augment), \
+        view(params.defense_finetune().augment)
+    test = T.Compose([*_evaluation_view(size), T.ToTensor()])
     return {
         "decode (PIL)": _pil_decode,
         "decode (torchvision.io.decode_jpeg)": _torchvision_decode,
-        "training view: decode + RandomResizedCrop(0.2-1) + flip + to tensor": lambda p: train(_pil_decode(p)),
-        "test view: decode + resize 256 + centre crop 224 + to tensor": lambda p: test(_pil_decode(p)),
+        "pretraining view: decode + RandomResizedCrop(0.2-1) + flip": lambda p: pretrain(_pil_decode(p)),
+        "fine-tuning view: decode + RandomResizedCrop(0.08-1) + flip + RandAugment m9":
+            lambda p: finetune(_pil_decode(p)),
+        "De³ view: the fine-tuning view + random erasing 0.25": lambda p: de3(_pil_decode(p)),
+        "test view: decode + resize 256 + centre crop 224": lambda p: test(_pil_decode(p)),
     }
 
 
@@ -89,7 +108,7 @@ def measure(paths: list[Path], rounds: int = 3) -> list[Case]:
     return [Case(name, len(paths) / min(t), t) for name, t in times.items()]
 
 
-def consumption(preset_dir: Path = Path("presets")) -> list[tuple[str, str, float]]:
+def consumption(preset_dir: Path = PRESETS) -> list[tuple[str, str, float]]:
     """(preset, training stage, images/s one GPU consumes at GPU_FLOPS) for every preset's training stages."""
     out = []
     for path in sorted(preset_dir.glob("*.yaml")):
@@ -118,9 +137,11 @@ def markdown(results: list[Case], paths: list[Path]) -> str:
              f"{len(results[0].seconds)} rounds; {os.cpu_count()} cores here.", "",
              "| case | images/s per core |", "|---|---:|"]
     lines += [f"| {c.name} | {c.images_per_s:,.0f} |" for c in results]
-    train = next(c.images_per_s for c in results if c.name.startswith("training view"))
-    lines += ["", f"Cores per GPU to keep up, at {GPU_FLOPS / 1e12:.0f} TFLOP/s sustained (training view, "
-              f"{train:,.0f} images/s per core):", "", "| preset | stage | images/s per GPU | cores per GPU |",
-              "|---|---|---:|---:|"]
-    lines += [f"| {preset} | {stage} | {rate:,.0f} | {rate / train:,.0f} |" for preset, stage, rate in consumption()]
+    per_core = {stage: next(c.images_per_s for c in results if c.name.startswith(prefix))
+                for stage, prefix in (("pretrain", "pretraining view"), ("finetune", "fine-tuning view"),
+                                      ("denoiser", "pretraining view"))}
+    lines += ["", f"Cores per GPU to keep up, at {GPU_FLOPS / 1e12:.0f} TFLOP/s sustained (each stage's view above):",
+              "", "| preset | stage | images/s per GPU | cores per GPU |", "|---|---|---:|---:|"]
+    lines += [f"| {preset} | {stage} | {rate:,.0f} | {rate / per_core[stage.split('@')[0]]:,.0f} |"
+              for preset, stage, rate in consumption()]
     return "\n".join(lines) + "\n"
