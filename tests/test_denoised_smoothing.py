@@ -145,7 +145,7 @@ def test_chain_stages_and_report_on_tiny_settings(tiny_params, monkeypatch):
     tests = json.loads((tiny_params.parent / "data/prepared/meta.json").read_text())["splits"]["test"]
     assert [int(row.split()[0]) for row in rows[1:]] == list(range(len(range(0, tests, 3))))  # every 3rd
     settings = json.loads((tiny_params.parent / "models/chains/sigma-0.5/settings.json").read_text())
-    assert settings["sigma"] == 0.5 and settings["chain_finetune"] == {"denoiser": "wide", "encoder": "wide"}
+    assert settings["sigma"] == 0.5 and settings["chain_finetune"] == {"denoiser": "wide", "encoder": "dmae"}
 
     invoke("report")
     report = (tiny_params.parent / "results/report/report.md").read_text()

@@ -255,7 +255,8 @@ def test_attack_table_shows_interval_and_worst_draw():
 def test_attack_outputs_with_autoattack_at_some_sigmas_only(tmp_path):
     from dmae.report.attack import write_attack_outputs
 
-    params = attack_params(autoattack={"versions": ["standard", "rand"], "examples": 16,
+    params = attack_params(examples=64, test_sigmas=[0.0, 0.1372549, 0.2745098, 0.5490196],
+                           autoattack={"versions": ["standard", "rand"], "examples": 16,
                                        "test_sigmas": [0.0, 0.2745098]})
     cols = columns(params.attack)
 
@@ -279,7 +280,7 @@ def test_attack_outputs_with_autoattack_at_some_sigmas_only(tmp_path):
 def test_paper_comparison_says_what_the_run_can_show():
     from dmae.report.attack import paper_comparison
 
-    digits = to_markdown(paper_comparison(attack_params(), 64))
+    digits = to_markdown(paper_comparison(attack_params(examples=64, autoattack={"examples": 16}), 64))
     assert "not comparable to its tables" in digits and "38–62 %" in digits  # Wilson at 0.5 over 64
     assert "| examples | 64 (AutoAttack: 16) | 50,000 (AutoAttack: 5,000) |" in digits
     preset = parse_params(yaml.safe_load((REPO / "presets/imagenet-nim-vit-b.yaml").read_text()))

@@ -5,7 +5,7 @@ Counted per stage (F = forward FLOPs per image; training costs 3 F per image and
 - pretrain / denoiser@NAME: epochs x training images x 3 F(autoencoder at its mask ratio);
 - finetune@σ: epochs x images x 3 F(classifier) x m noisy copies (consistency regularization);
 - finetune_defense@NAME, finetune_chain@σ: epochs x images x (3 F(classifier) + F(denoising)) for denoised inputs;
-- certify@σ: certified test images x (N0 + N) x F(classifier); adaptive CERTIFY: at most N0 + n_max;
+- certify@σ: certified test images x (N0 + N) x F(classifier); the adaptive methods: at most N0 + n_max;
 - certify_chain@σ-CHAIN: its images x (N0 + N) x (F(classifier) + F(denoising));
 - attack: per (classifier, test σ) row and example, the gradient evaluations of every attack (3 F each) and the
   forward passes of Square and of the evaluation draws; AutoAttack and Square stop early on broken examples, so
