@@ -19,7 +19,7 @@ from dmae.smoothing import (
     predict_from_counts,
     radius_cap,
 )
-from dmae.smoothing.bounds import (CUT_ULPS, STOP_LOOKS, MixtureSequence, UnionOfLooks, _first, brackets,
+from dmae.smoothing.bounds import (CUT_ULPS, FUTILITY, STOP_LOOKS, MixtureSequence, UnionOfLooks, _first, brackets,
                                    fewest_samples, look_alphas, looks)
 from dmae.util.errors import UserError
 from tools.certify_bench import LinearBinary
@@ -191,10 +191,10 @@ def test_union_is_clopper_pearson_at_each_looks_level():
     low = lower_confidence_bound(120, 128, union.alphas[2])
     assert union.lower(120, 128) == low
     assert union.certifies(120, 128, low) and not union.certifies(120, 128, low + 1e-9)
-    assert union.excludes(60, 128, 0.7) and not union.excludes(60, 128, 0.5)
+    assert union.futile(60, 128, 0.7) and not union.futile(60, 128, 0.5)  # pA < 0.7 shown at this look's level
     best = max(lower_confidence_bound(m, m, a) for m, a in zip(union.at[1:], union.alphas[1:]))
-    assert union.reachable(32, 32, best) and not union.reachable(32, 32, best + 1e-9)
-    assert not union.reachable(1000, 1000, 0.5)  # no later look
+    assert not union.futile(32, 32, best) and union.futile(32, 32, best + 1e-9)  # out of reach of every later look
+    assert union.futile(1000, 1000, 0.5)  # no later look
     assert union.next_look(0, 0, 0.5) == 32 and union.next_look(500, 512, 0.9) == 1000
 
 
@@ -204,8 +204,6 @@ def test_mixture_is_the_beta_binomial_mixture_over_the_alternatives_above_p():
         ratio = quad(lambda q: (q / p) ** n_a * ((1 - q) / (1 - p)) ** (n - n_a) * beta.pdf(q, 3.5, 1.5), p, 1)[0]
         assert sequence.log_tail(n_a, n, p) == pytest.approx(np.log(ratio), rel=1e-7)
         assert sequence.log_prior_mass(p) == pytest.approx(np.log(beta.sf(p, 3.5, 1.5)), rel=1e-7)
-        below = quad(lambda q: (q / p) ** n_a * ((1 - q) / (1 - p)) ** (n - n_a) * beta.pdf(q, 3.5, 1.5), 0, p)[0]
-        assert sequence.log_tail(n_a, n, p, above=False) == pytest.approx(np.log(below), rel=1e-7)
     assert sequence.log_prior_mass(1 - 1e-300) is None  # underflow: nothing is certified from it
 
 
@@ -241,22 +239,27 @@ def test_mixture_spends_the_final_share_of_alpha_on_clopper_pearson_at_n_max():
     final = lower_confidence_bound(9_998, 10_000, 0.00025)
     assert final >= t and sequence.lower(9_998, 10_000) == final  # the sequence's own bound is lower here
     assert sequence.certifies(9_998, 10_000, t) and not sequence.certifies(9_997, 9_999, t)
-    assert sequence.reachable(9_000, 9_002, t) and not sequence.reachable(9_000, 9_003, t)
+    assert not sequence.futile(9_000, 9_002, t) and sequence.futile(9_000, 9_003, t)  # out of reach
 
 
-def test_mixture_certifies_from_below_and_excludes_from_above():
-    sequence = MixtureSequence(10_000, 0.001, 0.5, 0.5)
-    assert sequence.certifies(990, 1000, 0.95) and not sequence.excludes(990, 1000, 0.95)
-    assert sequence.excludes(900, 1000, 0.95) and not sequence.certifies(900, 1000, 0.95)
-    assert not sequence.certifies(950, 1000, 0.95) and not sequence.excludes(950, 1000, 0.95)
-    assert sequence.reachable(900, 1000, 0.95)  # 9,900 of 10,000 if all agree from here
-    assert not sequence.reachable(100, 9000, 0.95)
+def test_mixture_gives_up_when_the_posterior_chance_of_certifying_at_n_max_is_below_futility():
+    sequence, t = MixtureSequence(10_000, 0.001, 100.5, 0.5), norm.cdf(3.0)
+    need = next(c for c in range(9_990, 10_001) if sequence.certifies(c, 10_000, t))
+    assert need == 9_997  # Clopper-Pearson at 3/4 of alpha allows 3 disagreeing samples of 10,000
+    for n in (1_000, 2_000, 3_000, 5_000, 8_000):  # 3 disagreeing so far: every further sample must agree
+        a, b = 100.5 + n - 3, 0.5 + 3
+        chance = np.exp(betaln(a + 10_000 - n, b) - betaln(a, b))  # P(all agree) under Beta(a, b), closed form
+        assert sequence.futile(n - 3, n, t) == (chance < FUTILITY)
+    assert sequence.futile(996, 1_000, t)  # 4 disagree: out of reach
+    assert not sequence.futile(1_000, 1_000, t)
+    assert sequence.futile(900, 1_000, 0.95) and not sequence.futile(990, 1_000, 0.95)
+    assert sequence.futile(9_999, 10_000, 0.5) or sequence.certifies(9_999, 10_000, 0.5)  # n_max: always decided
 
 
 @pytest.mark.parametrize("n_a, n", [(0, 0), (200, 200), (191, 200), (1995, 2000), (2900, 2950)])
 def test_mixture_looks_where_a_decision_first_becomes_possible(n_a, n):
-    """Before the next look no outcome can certify t (every further sample agreeing); none can exclude t or put
-    it out of reach (every one disagreeing) before the look less n / STOP_LOOKS samples; at the look one of them
+    """Before the next look no outcome can certify t (every further sample agreeing); none can make t futile
+    (every one disagreeing) before the look less n / STOP_LOOKS samples; at the look one of them
     can (or the look is n_max, or the n / STOP_LOOKS step)."""
     sequence, t = MixtureSequence(3000, 0.001, 95.5, 5.5), norm.cdf(2.0)
     look, late = sequence.next_look(n_a, n, t), int(np.ceil(n / STOP_LOOKS))
@@ -264,10 +267,9 @@ def test_mixture_looks_where_a_decision_first_becomes_possible(n_a, n):
     for m in range(1, look - n):
         assert not sequence.certifies(n_a + m, n + m, t)
         if m < look - n - late:
-            assert not sequence.excludes(n_a, n + m, t) and sequence.reachable(n_a, n + m, t)
+            assert not sequence.futile(n_a, n + m, t)
     m = look - n
-    assert look == 3000 or m == late or sequence.certifies(n_a + m, look, t) or sequence.excludes(n_a, look, t) \
-        or not sequence.reachable(n_a, look, t)
+    assert look == 3000 or m == late or sequence.certifies(n_a + m, look, t) or sequence.futile(n_a, look, t)
 
 
 def test_fewest_samples_of_a_fixed_n_test():

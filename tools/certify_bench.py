@@ -36,7 +36,7 @@ from torch import nn
 
 from dmae.report.certified import Run
 from dmae.smoothing import Smooth
-from dmae.smoothing.bounds import BISECTIONS, ROUNDING, brackets
+from dmae.smoothing.bounds import BISECTIONS, ROUNDING, brackets, fewest_votes, predictive_futility
 from dmae.smoothing.engine import (ESTIMATION, SELECTION, Job, cohen_job, mixture_job, run_jobs, sequential_job,
                                    union_job)
 from dmae.util.errors import UserError
@@ -140,11 +140,12 @@ def replay(job: Job, rec: Record) -> tuple:
 class EveryHundred:
     """The published form of the mixture, a baseline: Robbins' two-sided mixture with Jeffreys' prior Beta(1/2,
     1/2), M_n(p) = B(1/2 + nA, 1/2 + n - nA) / B(1/2, 1/2) / (p^nA (1 - p)^(n - nA)), all of alpha on it, looked at
-    every ORACLE_LOOK samples, with the stopping rules of the others. M_n falls as p rises to nA / n, so it
-    certifies t when it rejects t."""
+    every ORACLE_LOOK samples, with the mixture's stopping rule (futility under the same prior). M_n falls as p
+    rises to nA / n, so it certifies t when it rejects t."""
 
     def __init__(self, n_max: int, alpha: float):
         self.n_max, self.level = n_max, math.log(1 / alpha)
+        self._needs: dict[float, int] = {}
 
     def rejects(self, n_a: int, n: int, p: float) -> bool:
         terms = (float(betaln(0.5 + n_a, 0.5 + n - n_a)), -float(betaln(0.5, 0.5)), -n_a * math.log(p),
@@ -154,11 +155,10 @@ class EveryHundred:
     def certifies(self, n_a: int, n: int, t: float) -> bool:
         return n_a > t * n and self.rejects(n_a, n, t)
 
-    def excludes(self, n_a: int, n: int, t: float) -> bool:
-        return n_a < t * n and self.rejects(n_a, n, t)
-
-    def reachable(self, n_a: int, n: int, t: float) -> bool:
-        return self.certifies(n_a + self.n_max - n, self.n_max, t)
+    def futile(self, n_a: int, n: int, t: float) -> bool:
+        if t not in self._needs:
+            self._needs[t] = fewest_votes(lambda c: self.certifies(c, self.n_max, t), self.n_max)
+        return predictive_futility(self._needs[t], n_a, n, self.n_max, 0.5, 0.5)
 
     def next_look(self, n_a: int, n: int, t: float) -> int:
         return min(n + ORACLE_LOOK, self.n_max)

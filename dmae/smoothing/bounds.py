@@ -2,16 +2,17 @@
 of adaptive certification.
 
 An adaptive method looks at the estimation counts (nA of n samples voting cA) at looks of its choosing and may stop
-at any of them. Its sequence answers, at a look: is pA > t shown (`certifies`), is pA < t shown (`excludes`), can
-a later look still show pA > t if every further sample votes cA (`reachable`), where to look next (`next_look`),
-and which lower bound to report (`lower`). Valid means: with probability at least 1 - alpha, pA is above every
-bound the sequence gives at any look, so the certificate holds whatever the stopping time. `excludes` and
-`reachable` only decide when to stop and need no share of alpha. docs/certification.md derives both sequences:
+at any of them. Its sequence answers, at a look: is pA > t shown (`certifies`), is it no use sampling on for t
+(`futile`), where to look next (`next_look`), and which lower bound to report (`lower`). Valid means: with
+probability at least 1 - alpha, pA is above every bound the sequence gives at any look, so the certificate holds
+whatever the stopping time. `futile` only decides when to stop and needs no share of alpha. docs/certification.md
+derives both sequences:
 
 - `MixtureSequence` (method 'mixture'): a confidence sequence from one-sided beta-binomial mixture martingales
   (Robbins' mixture over the alternatives above each p), valid at every sample count by Ville's inequality; the
   prior is the posterior of pA given the N0 selection samples. It looks where a decision first becomes possible,
-  and spends MIXTURE_FINAL_SHARE of alpha on Clopper-Pearson at n_max.
+  spends MIXTURE_FINAL_SHARE of alpha on Clopper-Pearson at n_max, and gives up on t when the posterior chance
+  that the count at n_max certifies it is below FUTILITY.
 - `UnionOfLooks` (method 'union'): Clopper-Pearson bounds at looks 32, 64, 128, ... and n_max, with alpha split
   over the looks (a union bound). With `naive=True` it spends alpha at every look: NOT valid, for comparison.
 """
@@ -20,20 +21,21 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 from scipy.special import betainc, betaincc, betainccinv, betaln
-from scipy.stats import beta, norm
+from scipy.stats import beta, betabinom, norm
 
 FIRST_LOOK = 32  # union: estimation samples at the first look; each look doubles, the last is n_max
 FINAL_SHARE = 0.5  # union: share of alpha spent at the last look (the rest is split equally over the earlier ones)
 PRIOR = (0.5, 0.5)  # mixture: Jeffreys' Beta(1/2, 1/2), updated with the selection counts
-MIXTURE_FINAL_SHARE = 0.25  # mixture: share of alpha spent on Clopper-Pearson at n_max (the rest on the sequence)
+MIXTURE_FINAL_SHARE = 0.75  # mixture: share of alpha spent on Clopper-Pearson at n_max (the rest on the sequence)
+FUTILITY = 1e-3  # mixture: give up on a radius when the chance that sampling on to n_max certifies it is below this
 CUT_ULPS = 16  # thresholds are raised by this many units in the last place, beyond the rounding of norm.cdf
 ROUNDING = 1e-9  # relative margin of a mixture's log value over its rounding error (terms of size 1e4: ~1e-12)
 BISECTIONS = 64  # halvings of [0, nA / n] when computing the mixture's lower bound (below 2 ** -64: a float's ulp)
-STOP_LOOKS = 64  # mixture: exclusion and reachability are looked at least n / STOP_LOOKS samples apart
+STOP_LOOKS = 64  # mixture: futility is looked at at least n / STOP_LOOKS samples apart
 COVER_STEPS = 64  # most steps of `MixtureSequence.covered` (each multiplies the bound's excess; a few suffice)
 STEP_MARGIN = 1e-6  # `covered` aims each step at a prior mass this much (in log) below the bound, past rounding
 TINY = 1e-290  # probabilities below this (near the subnormals) are taken as lost: nothing is certified from them
@@ -82,8 +84,7 @@ class ConfidenceSequence(Protocol):
     n_max: int
 
     def certifies(self, n_a: int, n: int, t: float) -> bool: ...
-    def excludes(self, n_a: int, n: int, t: float) -> bool: ...
-    def reachable(self, n_a: int, n: int, t: float) -> bool: ...
+    def futile(self, n_a: int, n: int, t: float) -> bool: ...
     def next_look(self, n_a: int, n: int, t: float) -> int: ...
     def lower(self, n_a: int, n: int) -> float: ...
 
@@ -106,7 +107,8 @@ class MixtureSequence:
         self.level = math.log(1 / ((1 - final_share) * alpha))
         self.final_alpha = final_share * alpha
         self.prior = float(betaln(a, b))
-        self._masses: dict[tuple[float, bool], float | None] = {}
+        self._masses: dict[float, float | None] = {}
+        self._needs: dict[float, int] = {}
 
     @classmethod
     def from_selection(cls, n_max: int, alpha: float, n_a0: int, n0: int) -> "MixtureSequence":
@@ -114,26 +116,26 @@ class MixtureSequence:
         independent of the estimation samples: it is fixed before the first estimation sample is drawn."""
         return cls(n_max, alpha, PRIOR[0] + n_a0, PRIOR[1] + n0 - n_a0)
 
-    def log_tail(self, n_a: int, n: int, p: float, above: bool = True) -> float | None:
-        """log of the integral over q above p (or below it) of the likelihood ratio against p, lowered by a margin
-        beyond its rounding error; None where the posterior's mass there underflows."""
+    def log_tail(self, n_a: int, n: int, p: float) -> float | None:
+        """log of the integral over q above p of the likelihood ratio against p, lowered by a margin beyond its
+        rounding error; None where the posterior's mass there underflows."""
         a, b = self.a + n_a, self.b + n - n_a
-        mass = _log(betaincc(a, b, p) if above else betainc(a, b, p))
+        mass = _log(betaincc(a, b, p))
         if mass is None:
             return None
         terms = (float(betaln(a, b)), mass, -self.prior, -n_a * math.log(p), -(n - n_a) * math.log1p(-p))
         return math.fsum(terms) - ROUNDING * (1 + sum(map(abs, terms)))
 
-    def log_prior_mass(self, p: float, above: bool = True) -> float | None:
-        """log P(Beta(a, b) > p) (or < p), raised by a margin beyond its rounding error; None on underflow."""
-        if (p, above) not in self._masses:  # kept: the thresholds come back at every look
-            mass = _log(betaincc(self.a, self.b, p) if above else betainc(self.a, self.b, p))
-            self._masses[p, above] = None if mass is None else mass + ROUNDING * (1 + abs(mass))
-        return self._masses[p, above]
+    def log_prior_mass(self, p: float) -> float | None:
+        """log P(Beta(a, b) > p), raised by a margin beyond its rounding error; None on underflow."""
+        if p not in self._masses:  # kept: the thresholds come back at every look
+            mass = _log(betaincc(self.a, self.b, p))
+            self._masses[p] = None if mass is None else mass + ROUNDING * (1 + abs(mass))
+        return self._masses[p]
 
-    def rejects(self, n_a: int, n: int, p: float, above: bool = True) -> bool:
-        """M_n(p) >= 1 / alpha' (with `above` False, the mirror image: the alternatives below p)."""
-        tail, mass = self.log_tail(n_a, n, p, above), self.log_prior_mass(p, above)
+    def rejects(self, n_a: int, n: int, p: float) -> bool:
+        """M_n(p) >= 1 / alpha'."""
+        tail, mass = self.log_tail(n_a, n, p), self.log_prior_mass(p)
         return tail is not None and mass is not None and tail - mass >= self.level
 
     def covered(self, n_a: int, n: int, t: float) -> bool:
@@ -158,21 +160,19 @@ class MixtureSequence:
     def certifies(self, n_a: int, n: int, t: float) -> bool:
         return (n_a > t * n and self.rejects(n_a, n, t) and self.covered(n_a, n, t)) or self._final(n_a, n, t)
 
-    def excludes(self, n_a: int, n: int, t: float) -> bool:
-        return n_a < t * n and self.rejects(n_a, n, t, above=False)
-
-    def reachable(self, n_a: int, n: int, t: float) -> bool:
-        left = self.n_max - n
-        return self._may_certify(n_a + left, self.n_max, t)
+    def futile(self, n_a: int, n: int, t: float) -> bool:
+        if t not in self._needs:
+            self._needs[t] = fewest_votes(lambda c: self._may_certify(c, self.n_max, t), self.n_max)
+        return predictive_futility(self._needs[t], n_a, n, self.n_max, self.a, self.b)
 
     def next_look(self, n_a: int, n: int, t: float) -> int:
         """The first sample count at which t may be certified (every sample from here on voting cA), or n_max;
-        or, if earlier, the first at which t may be excluded or out of reach (every one voting otherwise), but at
-        least n / STOP_LOOKS samples on: a rule that only stops sampling may look a little late, at most that
-        share more samples, instead of after every few samples."""
+        or, if earlier, the first at which t may become futile (every one voting otherwise), but at least
+        n / STOP_LOOKS samples on: a rule that only stops sampling may look a little late, at most that share
+        more samples, instead of after every few samples."""
         left = self.n_max - n
         up = _first(lambda m: self._may_certify(n_a + m, n + m, t), left)
-        down = _first(lambda m: self.excludes(n_a, n + m, t) or not self.reachable(n_a, n + m, t), left)
+        down = _first(lambda m: self.futile(n_a, n + m, t), left)
         return n + min(up, max(down, math.ceil(n / STOP_LOOKS)))
 
     def lower(self, n_a: int, n: int) -> float:
@@ -198,6 +198,20 @@ class MixtureSequence:
     def _final(self, n_a: int, n: int, t: float) -> bool:
         """Clopper-Pearson at n_max shows pA > t: P(Binomial(n, t) >= nA) = I_t(nA, n - nA + 1) <= alpha."""
         return self._at_final(n) and n_a > 0 and betainc(n_a, n - n_a + 1, t) <= self.final_alpha * (1 - ROUNDING)
+
+
+def fewest_votes(certifies_at_n_max: Callable[[int], bool], n_max: int) -> int:
+    """The fewest votes for cA of n_max samples that certify a threshold (n_max + 1 if none do)."""
+    return bisect.bisect_left(range(n_max + 1), True, key=certifies_at_n_max)
+
+
+def predictive_futility(need: int, n_a: int, n: int, n_max: int, a: float, b: float) -> bool:
+    """Sampling on is futile for a threshold that `need` votes of n_max samples certify: the posterior chance
+    (prior Beta(a, b) updated with nA of n) that the count at n_max reaches `need` is below FUTILITY; certain when
+    even every further sample voting cA would not reach it (at n_max, always short of it). A stopping rule only: it
+    takes no alpha, and FUTILITY sets how rarely an image stops short of a radius more samples would certify."""
+    more, left = need - n_a, n_max - n
+    return more > left or (more > 0 and betabinom.sf(more - 1, left, a + n_a, b + n - n_a) < FUTILITY)
 
 
 def _log(x: float) -> float | None:
@@ -246,13 +260,12 @@ class UnionOfLooks:
     def certifies(self, n_a: int, n: int, t: float) -> bool:
         return self.lower(n_a, n) >= t
 
-    def excludes(self, n_a: int, n: int, t: float) -> bool:
-        return upper_confidence_bound(n_a, n, self._level(n)) < t
-
-    def reachable(self, n_a: int, n: int, t: float) -> bool:
-        """Some later look (m samples, level alpha_m) gives a lower bound >= t if every further sample agrees."""
+    def futile(self, n_a: int, n: int, t: float) -> bool:
+        """pA < t is shown at this look's level, or no later look (m samples, level alpha_m) gives a lower bound
+        >= t even if every further sample agrees."""
         j = self.at.index(n) + 1
-        return any(lower_confidence_bound(n_a + m - n, m, a) >= t for m, a in zip(self.at[j:], self.alphas[j:]))
+        return upper_confidence_bound(n_a, n, self._level(n)) < t or not any(
+            lower_confidence_bound(n_a + m - n, m, a) >= t for m, a in zip(self.at[j:], self.alphas[j:]))
 
     def next_look(self, n_a: int, n: int, t: float) -> int:
         return next(m for m in self.at if m > n)

@@ -82,8 +82,8 @@ def cohen_job(n0: int, n: int, alpha: float, sigma: float) -> Job:
 
 def sequential_job(n0: int, sigma: float, radii, sequence_of: Callable[[int, int], ConfidenceSequence]) -> Job:
     """Adaptive certification: cA as in CERTIFY; then estimation samples up to each look of the sequence
-    (`sequence_of(selection votes for cA, n0)`), stopping once more samples cannot raise the certificate to another
-    radius of `radii`: the highest is certified, the next one is excluded or out of reach (at n_max it always is).
+    (`sequence_of(selection votes for cA, n0)`), stopping once more samples will not raise the certificate to
+    another radius of `radii`: the highest is certified, or the next one is futile (at n_max it always is).
     The radius is the larger of the last look's lower bound and the highest tabulated radius certified at any look
     (dmae.smoothing.bounds). Returns (class or -1, radius, estimation samples, of them voting cA)."""
     selection = yield SELECTION, n0, n0
@@ -99,8 +99,7 @@ def sequential_job(n0: int, sigma: float, radii, sequence_of: Callable[[int, int
                         default=certified)
         if certified + 1 == len(cuts):
             break
-        t = cuts[certified + 1]
-        if sequence.excludes(n_a, n, t) or not sequence.reachable(n_a, n, t):
+        if sequence.futile(n_a, n, cuts[certified + 1]):
             break
     radius = radius_from_lower(sequence.lower(n_a, n), sigma)
     if certified >= 0:
