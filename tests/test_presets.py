@@ -115,7 +115,8 @@ def test_every_preset_is_there():
 
 # The default's former sizes (docs/benchmarks.md): the keys resizing changed, and nothing else.
 DIGITS_FULL = {"finetune.epochs": {0.25: 20, 0.5: 30, 1.0: 60}, "finetune.warmup_epochs": 3, "finetune.base_lr": 3e-3,
-               "certify.test_every": 1, "certify.precision": "fp32", "defense.finetune.epochs": 10,
+               "certify.test_every": 1, "certify.precision": "fp32", "certify.method": "cohen", "certify.n_max": 10000,
+               "defense.finetune.epochs": 10,
                "defense.finetune.warmup_epochs": 2, "attack.examples": 64, "attack.autoattack.examples": 16,
                "attack.test_sigmas": [0.0, 0.1372549, 0.2745098, 0.5490196],
                "denoised_smoothing.finetune.encoder": "wide",

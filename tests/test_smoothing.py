@@ -245,7 +245,7 @@ def test_mixture_spends_the_final_share_of_alpha_on_clopper_pearson_at_n_max():
 def test_mixture_gives_up_when_the_posterior_chance_of_certifying_at_n_max_is_below_futility():
     sequence, t = MixtureSequence(10_000, 0.001, 100.5, 0.5), norm.cdf(3.0)
     need = next(c for c in range(9_990, 10_001) if sequence.certifies(c, 10_000, t))
-    assert need == 9_997  # Clopper-Pearson at 3/4 of alpha allows 3 disagreeing samples of 10,000
+    assert need == 9_997  # Clopper-Pearson at 9/10 of alpha allows 3 disagreeing samples of 10,000
     for n in (1_000, 2_000, 3_000, 5_000, 8_000):  # 3 disagreeing so far: every further sample must agree
         a, b = 100.5 + n - 3, 0.5 + 3
         chance = np.exp(betaln(a + 10_000 - n, b) - betaln(a, b))  # P(all agree) under Beta(a, b), closed form

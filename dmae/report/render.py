@@ -20,7 +20,7 @@ from dmae.report.document import Block, Figure, Heading, Paragraph, Table, from_
 from dmae.report.figures import (FINETUNE_COLUMNS, PRETRAIN_COLUMNS, certified_accuracy_figure, finetune_figure,
                                  pretrain_figure, read_metrics_tsv)
 from dmae.report.published import PUBLISHED, PublishedTable
-from dmae.smoothing.bounds import FINAL_SHARE, FIRST_LOOK, MIXTURE_FINAL_SHARE
+from dmae.smoothing.bounds import FINAL_SHARE, FIRST_LOOK, FUTILITY, MIXTURE_FINAL_SHARE
 from dmae.util.errors import UserError
 from dmae.util.io import atomic_write_bytes, atomic_write_text, write_json, write_tsv
 
@@ -39,9 +39,12 @@ ADAPTIVE = {
     "mixture": "Each image keeps a confidence sequence for pA (one-sided beta-binomial mixtures whose prior is the "
                "posterior of pA given the N0 selection samples), valid at every sample count at once by Ville's "
                "inequality, looks wherever a decision first becomes possible, and spends "
-               f"{MIXTURE_FINAL_SHARE:.0%} of α on Clopper-Pearson at the last sample.",
+               f"{MIXTURE_FINAL_SHARE:.0%} of α on Clopper-Pearson at the last sample. It gives up on the next "
+               f"radius when the posterior chance that sampling on to N certifies it is below {FUTILITY:g} (a "
+               "stopping rule: it costs no α, only, rarely, a radius more samples would have certified).",
     "union": f"Each image is sampled in looks of {FIRST_LOOK}, {2 * FIRST_LOOK}, {4 * FIRST_LOOK}, ... samples, "
-             "with α split over the looks.",
+             "with α split over the looks, until more samples cannot change which radii of the table it is "
+             "certified at.",
 }
 # The share of α behind the highest lower bound on pA an adaptive method can reach at N (every sample agreeing):
 # union's last look; the mixture's sequence (its M_n(p) is at most p^-n) or its Clopper-Pearson, the larger share.
@@ -119,8 +122,7 @@ def overview(inputs: ReportInputs) -> list[Block]:
                  f"{radius_cap_text(c['alpha'] ** (1 / c['n']), 'N')}.")
     elif c:
         text += (f" Certification: adaptive, N0 = {c['n0']}, at most N = {c['n_max']} estimation samples per "
-                 f"image, α = {c['alpha']:g}. {ADAPTIVE[c['method']]} Each image stops once more samples cannot "
-                 f"change which radii of the table it is certified at; each certificate holds with probability at "
+                 f"image, α = {c['alpha']:g}. {ADAPTIVE[c['method']]} Each certificate holds with probability at "
                  f"least 1 − α whatever the stopping time; "
                  f"{radius_cap_text((c['alpha'] * CAP_SHARE[c['method']]) ** (1 / c['n_max']), 'N')}.")
     return [Heading(TITLE, 1), Paragraph(text), Paragraph(DEFINITIONS)]

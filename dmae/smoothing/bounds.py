@@ -30,7 +30,7 @@ from scipy.stats import beta, betabinom, norm
 FIRST_LOOK = 32  # union: estimation samples at the first look; each look doubles, the last is n_max
 FINAL_SHARE = 0.5  # union: share of alpha spent at the last look (the rest is split equally over the earlier ones)
 PRIOR = (0.5, 0.5)  # mixture: Jeffreys' Beta(1/2, 1/2), updated with the selection counts
-MIXTURE_FINAL_SHARE = 0.75  # mixture: share of alpha spent on Clopper-Pearson at n_max (the rest on the sequence)
+MIXTURE_FINAL_SHARE = 0.9  # mixture: share of alpha spent on Clopper-Pearson at n_max (the rest on the sequence)
 FUTILITY = 1e-3  # mixture: give up on a radius when the chance that sampling on to n_max certifies it is below this
 CUT_ULPS = 16  # thresholds are raised by this many units in the last place, beyond the rounding of norm.cdf
 ROUNDING = 1e-9  # relative margin of a mixture's log value over its rounding error (terms of size 1e4: ~1e-12)
