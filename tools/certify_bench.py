@@ -44,6 +44,7 @@ from dmae.util.errors import UserError
 ORACLE_LOOK = 100  # looks of the `Beta(1/2,1/2) every 100` baseline
 ORACLE_SPREAD = 1.25  # oracle margins are uniform over (0, ORACLE_SPREAD x the largest radius)
 BASELINE = f"Beta(1/2,1/2) every {ORACLE_LOOK}"  # the oracle's published baseline
+PLAIN_BASELINE = f"{BASELINE}, plain stops"  # the same without the futility rule, as issue 23 measured it
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,14 @@ class EveryHundred:
         return low
 
 
+class EveryHundredPlainStops(EveryHundred):
+    """The baseline with the stopping rules the adaptive methods had before the futility rule: stop when M_n
+    rejects t from above (pA < t shown) or t is out of reach even if every further sample agrees."""
+
+    def futile(self, n_a: int, n: int, t: float) -> bool:
+        return (n_a < t * n and self.rejects(n_a, n, t)) or not self.certifies(n_a + self.n_max - n, self.n_max, t)
+
+
 def method_jobs(n0: int, n: int, alpha: float, sigma: float, radii,
                 oracle: bool = False) -> dict[str, Callable[[], Job]]:
     jobs = {"cohen": lambda: cohen_job(n0, n, alpha, sigma),
@@ -178,8 +187,9 @@ def method_jobs(n0: int, n: int, alpha: float, sigma: float, radii,
             "union": lambda: union_job(n0, n, alpha, sigma, radii),
             "naive (not valid)": lambda: union_job(n0, n, alpha, sigma, radii, naive=True)}
     if oracle:
-        jobs[BASELINE] = lambda: sequential_job(
-            n0, sigma, radii, lambda n_a0, n0: EveryHundred(n, alpha))
+        jobs[BASELINE] = lambda: sequential_job(n0, sigma, radii, lambda n_a0, n0: EveryHundred(n, alpha))
+        jobs[PLAIN_BASELINE] = lambda: sequential_job(n0, sigma, radii,
+                                                      lambda n_a0, n0: EveryHundredPlainStops(n, alpha))
     return jobs
 
 
