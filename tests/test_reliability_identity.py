@@ -170,11 +170,11 @@ def test_attack_after_a_swapped_classifier_starts_over(project, monkeypatch):
 
 def test_merge_refuses_shards_of_other_settings(project):
     assert run("certify", "--sigma", SIGMA, "--shard", "0/2").exit_code == 0
-    update(project, "certify", n=40)
+    update(project, "certify", n_max=40)  # the default method (mixture) stops at n_max
     assert run("certify", "--sigma", SIGMA, "--shard", "1/2").exit_code == 0
     merged = run("certify-merge", "--sigma", SIGMA, "--shards", 2)
     assert merged.exit_code == 2 and "shard-0-of-2.tsv was certified from other inputs" in flat(merged)
-    assert "settings.certify.n" in flat(merged) and not Path("results/certify/sigma-0.25.tsv").exists()
+    assert "settings.certify.n_max" in flat(merged) and not Path("results/certify/sigma-0.25.tsv").exists()
     assert run("certify", "--sigma", SIGMA, "--shard", "0/2").exit_code == 0  # the same settings again
     assert run("certify-merge", "--sigma", SIGMA, "--shards", 2).exit_code == 0
     assert run("certify", "--sigma", SIGMA, "--out", "whole.tsv").exit_code == 0
@@ -220,4 +220,5 @@ def test_progress_lines_in_logs(project, monkeypatch):
     result = run("certify", "--sigma", SIGMA)
     lines = [line for line in result.output.splitlines() if "certify sigma-0.25.tsv:" in line]
     assert len(lines) >= 10 and "12/12 (100 %)" in lines[-1] and "img/s" in lines[-1]
-    assert json.loads(Path("results/certify/sigma-0.25.settings.json").read_text())["certify"]["n"] == 50
+    recorded = json.loads(Path("results/certify/sigma-0.25.settings.json").read_text())["certify"]
+    assert recorded["n_max"] == yaml.safe_load(project.read_text())["certify"]["n_max"]
