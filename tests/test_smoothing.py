@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.integrate import quad
 from scipy.special import betaln
-from scipy.stats import beta, binomtest, norm
+from scipy.stats import beta, betabinom, binomtest, norm
 from torch import nn
 
 from dmae.smoothing import (
@@ -20,7 +20,7 @@ from dmae.smoothing import (
     radius_cap,
 )
 from dmae.smoothing.bounds import (CUT_ULPS, FUTILITY, STOP_LOOKS, MixtureSequence, UnionOfLooks, _first, brackets,
-                                   fewest_samples, look_alphas, looks)
+                                   fewest_samples, look_alphas, looks, predictive_tail)
 from dmae.util.errors import UserError
 from tools.certify_bench import LinearBinary
 
@@ -254,6 +254,13 @@ def test_mixture_gives_up_when_the_posterior_chance_of_certifying_at_n_max_is_be
     assert not sequence.futile(1_000, 1_000, t)
     assert sequence.futile(900, 1_000, 0.95) and not sequence.futile(990, 1_000, 0.95)
     assert sequence.futile(9_999, 10_000, 0.5) or sequence.certifies(9_999, 10_000, 0.5)  # n_max: always decided
+
+
+@pytest.mark.parametrize("k, m, a, b", [(1, 1, 0.5, 0.5), (9_990, 10_000, 9_000.5, 3.5), (5_200, 10_000, 60.5, 40.5),
+                                        (95_000, 99_000, 9_000.5, 100.5), (40, 100_000, 0.5, 100.5), (3, 7, 2.0, 2.0)])
+def test_predictive_tail_is_the_beta_binomial_upper_tail(k, m, a, b):
+    """Summed from k away from the mode until negligible: the same as scipy's sum over all m terms."""
+    assert predictive_tail(k, m, a, b) == pytest.approx(float(betabinom.sf(k - 1, m, a, b)), abs=1e-9)  # float sums
 
 
 @pytest.mark.parametrize("n_a, n", [(0, 0), (200, 200), (191, 200), (1995, 2000), (2900, 2950)])

@@ -24,8 +24,8 @@ import math
 from typing import Callable, Protocol
 
 import numpy as np
-from scipy.special import betainc, betaincc, betainccinv, betaln
-from scipy.stats import beta, betabinom, norm
+from scipy.special import betainc, betaincc, betainccinv, betaln, gammaln
+from scipy.stats import beta, norm
 
 FIRST_LOOK = 32  # union: estimation samples at the first look; each look doubles, the last is n_max
 FINAL_SHARE = 0.5  # union: share of alpha spent at the last look (the rest is split equally over the earlier ones)
@@ -38,6 +38,8 @@ BISECTIONS = 64  # halvings of [0, nA / n] when computing the mixture's lower bo
 STOP_LOOKS = 64  # mixture: futility is looked at at least n / STOP_LOOKS samples apart
 COVER_STEPS = 64  # most steps of `MixtureSequence.covered` (each multiplies the bound's excess; a few suffice)
 STEP_MARGIN = 1e-6  # `covered` aims each step at a prior mass this much (in log) below the bound, past rounding
+TAIL_BLOCK = 512  # predictive_tail: terms summed per block
+TAIL_DROP = 50.0  # predictive_tail: stop once a term is e^-50 below the first (the rest, falling, is negligible)
 TINY = 1e-290  # probabilities below this (near the subnormals) are taken as lost: nothing is certified from them
 
 
@@ -211,7 +213,26 @@ def predictive_futility(need: int, n_a: int, n: int, n_max: int, a: float, b: fl
     even every further sample voting cA would not reach it (at n_max, always short of it). A stopping rule only: it
     takes no alpha, and FUTILITY sets how rarely an image stops short of a radius more samples would certify."""
     more, left = need - n_a, n_max - n
-    return more > left or (more > 0 and betabinom.sf(more - 1, left, a + n_a, b + n - n_a) < FUTILITY)
+    return more > left or (more > 0 and predictive_tail(more, left, a + n_a, b + n - n_a) < FUTILITY)
+
+
+def predictive_tail(k: int, m: int, a: float, b: float) -> float:
+    """P(BetaBinomial(m, a, b) >= k), summed from k away from the mode in blocks until the terms are negligible
+    (the pmf is unimodal), so its cost grows with the spread, not with m (scipy's sf sums all m terms); from the
+    other side as 1 - P(X < k) when k is below the mode."""
+    mode = min(max(math.floor((m + 1) * (a - 1) / (a + b - 2)) if a + b > 2 else 0, 0), m)
+    upper = k > mode
+    total, start, first = 0.0, (k if upper else k - 1), None
+    while 0 <= start <= m:
+        j = (np.arange(start, min(start + TAIL_BLOCK, m + 1)) if upper
+             else np.arange(start, max(start - TAIL_BLOCK, -1), -1))
+        log_pmf = (gammaln(m + 1) - gammaln(j + 1) - gammaln(m - j + 1) + betaln(j + a, m - j + b) - betaln(a, b))
+        first = log_pmf[0] if first is None else first
+        total += float(np.exp(log_pmf).sum())
+        if log_pmf[-1] < first - TAIL_DROP:
+            break
+        start = j[-1] + (1 if upper else -1)
+    return min(total, 1.0) if upper else max(1.0 - total, 0.0)
 
 
 def _log(x: float) -> float | None:
