@@ -30,7 +30,7 @@ TINY = {
     "model": {"preset": "tiny", "img_size": 16, "patch_size": 4},
     "pretrain": {"epochs": 2, "batch_size": 256, "warmup_epochs": 1},
     "finetune": {"epochs": 1, "batch_size": 256, "warmup_epochs": 0},
-    "certify": {"n0": 10, "n": 50, "batch_size": 64, "test_every": 1},
+    "certify": {"n0": 10, "n": 50, "n_max": 50, "batch_size": 64, "test_every": 1},
 }
 
 

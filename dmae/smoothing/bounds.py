@@ -217,11 +217,10 @@ def predictive_futility(need: int, n_a: int, n: int, n_max: int, a: float, b: fl
 
 
 def predictive_tail(k: int, m: int, a: float, b: float) -> float:
-    """P(BetaBinomial(m, a, b) >= k), summed from k away from the mode in blocks until the terms are negligible
-    (the pmf is unimodal), so its cost grows with the spread, not with m (scipy's sf sums all m terms); from the
-    other side as 1 - P(X < k) when k is below the mode."""
-    mode = min(max(math.floor((m + 1) * (a - 1) / (a + b - 2)) if a + b > 2 else 0, 0), m)
-    upper = k > mode
+    """P(BetaBinomial(m, a, b) >= k), summed from k away from the bulk in blocks until a term is negligible
+    against the first (the pmf is unimodal: past the mode the terms only fall), so its cost grows with the spread,
+    not with m (scipy's sf sums all m terms); as 1 - P(X < k), summed downwards, when k is below the mean."""
+    upper = k > m * a / (a + b)
     total, start, first = 0.0, (k if upper else k - 1), None
     while 0 <= start <= m:
         j = (np.arange(start, min(start + TAIL_BLOCK, m + 1)) if upper
