@@ -3,13 +3,15 @@
 For every stage: wall seconds (from DVC starting it to DVC starting the next), start-up seconds (from its process
 starting to its main work starting: imports, reading settings, data and models; recorded by the stage itself
 through DMAE_TIMINGS), the work it does (FLOPs, tools/projection.py at the data set's real sizes; the attack
-stage's count is an upper bound, as its attacks stop early on broken examples) and the share of this machine's
+stage's count is an upper bound, as its attacks stop early on broken examples; the adaptive certification
+methods' counts are the samples they drew, from their tables) and the share of this machine's
 peak that makes: FLOPs / seconds against a large fp32 matrix product timed on as many threads before and after
 the run (the better of the two).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import tempfile
 import time
@@ -18,8 +20,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from dmae.settings import parse_params
+from dmae.settings import Params, parse_params
 from dmae.util.errors import UserError
+from stages import paths
 from tools import rehearse
 from tools.projection import stage_flops
 
@@ -39,14 +42,34 @@ def matmul_peak(threads: int, size: int = 2048, reps: int = 5) -> float:
     return 2 * size**3 / best
 
 
+def drawn_flops(flops: dict[str, float], params: Params, workspace: Path) -> dict[str, float]:
+    """The adaptive methods stop early: their certification stages' FLOPs (counted at the most samples they may
+    draw, N0 + n_max per image) scaled by the samples their tables say each image drew (N0 + `samples`)."""
+    c = params.certify
+    if c.method == "cohen":
+        return flops
+    tables = {}
+    for sigma in params.sigmas:
+        tables[f"certify@{sigma}"] = paths.certification(sigma)
+        for chain in params.denoised_smoothing.chains:
+            tables[f"certify_chain@{sigma}-{chain}"] = paths.chain_certification(chain, sigma)
+    out = dict(flops)
+    for stage, table in tables.items():
+        with open(workspace / table, encoding="utf-8", newline="") as f:
+            drawn = [c.n0 + int(row["samples"]) for row in csv.DictReader(f, delimiter="\t")]
+        out[stage] = flops[stage] * sum(drawn) / (len(drawn) * (c.n0 + c.n_max))
+    return out
+
+
 def run(root: Path, params_path: Path, workspace: Path | None = None) -> dict:
     """`dvc repro` of `params_path` in a new copy of the project at `root`; returns the per-stage measurements.
     Params this code cannot read (an older commit's) are run all the same, without FLOP counts."""
     raw = yaml.safe_load(params_path.read_text(encoding="utf-8"))
     try:
-        flops = stage_flops(parse_params(raw))
+        params = parse_params(raw)
+        flops = stage_flops(params)
     except UserError:
-        flops = {}
+        params, flops = None, {}
     threads = int(raw["cpu_threads"])
     peaks = [matmul_peak(threads)]
     with tempfile.TemporaryDirectory(prefix="dmae-bench-pipeline-") as tmp:
@@ -63,6 +86,8 @@ def run(root: Path, params_path: Path, workspace: Path | None = None) -> dict:
             raise RuntimeError("dvc repro failed:\n" + "\n".join(result.tail))
         records = [json.loads(line) for line in timings.read_text(encoding="utf-8").splitlines()] \
             if timings.is_file() else []  # code from before DMAE_TIMINGS records nothing
+        if params is not None:
+            flops = drawn_flops(flops, params, ws)
     peaks.append(matmul_peak(threads))
     startup = {}
     for r in records:
