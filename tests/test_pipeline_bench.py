@@ -6,7 +6,6 @@ import pytest
 import yaml
 
 from dmae.settings import parse_params
-from stages import paths
 from tools.pipeline_bench import drawn_flops
 from tools.projection import stage_flops
 
@@ -22,10 +21,14 @@ def test_adaptive_certification_counts_the_samples_drawn(tmp_path):
     raw["certify"].update(method="mixture", n0=100, n_max=500)
     params = parse_params(raw)
     flops = stage_flops(params)
-    for sigma in params.sigmas:
-        write_table(tmp_path / paths.certification(sigma), [500, 100])  # (600 + 200) / 2 of 600 drawn
-        for chain in params.denoised_smoothing.chains:
-            write_table(tmp_path / paths.chain_certification(chain, sigma), [200, 200])  # 300 of 600
+    lock = {}
+    for stage in flops:
+        if stage.startswith(("certify@", "certify_chain@")):
+            table = f"results/{stage}.tsv"
+            lock[stage] = {"outs": [{"path": f"results/{stage}.settings.json"}, {"path": table}]}
+            # certify: (600 + 200) / 2 of 600 drawn; chains: 300 of 600
+            write_table(tmp_path / table, [500, 100] if stage.startswith("certify@") else [200, 200])
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": lock}))
     counted = drawn_flops(flops, params, tmp_path)
     sigma, chain = params.sigmas[0], next(iter(params.denoised_smoothing.chains))
     assert counted[f"certify@{sigma}"] == pytest.approx(flops[f"certify@{sigma}"] * 400 / 600)

@@ -22,7 +22,6 @@ import yaml
 
 from dmae.settings import Params, parse_params
 from dmae.util.errors import UserError
-from stages import paths
 from tools import rehearse
 from tools.projection import stage_flops
 
@@ -44,20 +43,19 @@ def matmul_peak(threads: int, size: int = 2048, reps: int = 5) -> float:
 
 def drawn_flops(flops: dict[str, float], params: Params, workspace: Path) -> dict[str, float]:
     """The adaptive methods stop early: their certification stages' FLOPs (counted at the most samples they may
-    draw, N0 + n_max per image) scaled by the samples their tables say each image drew (N0 + `samples`)."""
+    draw, N0 + n_max per image) scaled by the samples their tables (the stage's .tsv out in dvc.lock) say each
+    image drew (N0 + `samples`)."""
     c = params.certify
     if c.method == "cohen":
         return flops
-    tables = {}
-    for sigma in params.sigmas:
-        tables[f"certify@{sigma}"] = paths.certification(sigma)
-        for chain in params.denoised_smoothing.chains:
-            tables[f"certify_chain@{sigma}-{chain}"] = paths.chain_certification(chain, sigma)
+    lock = yaml.safe_load((workspace / "dvc.lock").read_text(encoding="utf-8"))["stages"]
     out = dict(flops)
-    for stage, table in tables.items():
-        with open(workspace / table, encoding="utf-8", newline="") as f:
-            drawn = [c.n0 + int(row["samples"]) for row in csv.DictReader(f, delimiter="\t")]
-        out[stage] = flops[stage] * sum(drawn) / (len(drawn) * (c.n0 + c.n_max))
+    for stage in flops:
+        if stage.startswith(("certify@", "certify_chain@")):
+            table = next(o["path"] for o in lock[stage]["outs"] if o["path"].endswith(".tsv"))
+            with open(workspace / table, encoding="utf-8", newline="") as f:
+                drawn = [c.n0 + int(row["samples"]) for row in csv.DictReader(f, delimiter="\t")]
+            out[stage] = flops[stage] * sum(drawn) / (len(drawn) * (c.n0 + c.n_max))
     return out
 
 
